@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+import dmlib
+from dmlib.nets import MLP, UNet, timestep_embedding
+
+
+@pytest.mark.parametrize("size", [8, 28, 32])
+def test_unet_keeps_shape_at_every_resolution(size):
+    net = UNet(in_channels=1, base=8)
+    x = torch.randn(2, 1, size, size)
+    assert net(x, torch.rand(2)).shape == x.shape
+
+
+def test_unet_output_depends_on_time_after_training_step():
+    net = UNet(base=8)
+    torch.nn.init.normal_(net.conv_out.weight)  # undo the zero init so time can matter
+    x = torch.randn(2, 1, 8, 8)
+    assert not torch.allclose(net(x, torch.tensor([0.1, 0.1])), net(x, torch.tensor([0.9, 0.9])))
+
+
+def test_bad_shapes_named():
+    with pytest.raises(ValueError, match=r"\(B, 2\)"):
+        MLP()(torch.zeros(4, 3), torch.rand(4))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UNet(base=8)(torch.zeros(1, 1, 10, 10), torch.rand(1))
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        UNet(base=8)(torch.zeros(1, 3, 8, 8), torch.rand(1))
+
+
+def test_embedding_distinguishes_adjacent_ddpm_steps():
+    e = timestep_embedding(torch.tensor([500 / 1000, 501 / 1000]), 64)
+    assert (e[0] - e[1]).abs().max() > 0.1
+
+
+def test_profiles(monkeypatch):
+    monkeypatch.setenv("DMLIB_PROFILE", "test")
+    assert dmlib.budget(test=1, cpu=2, gpu=3) == 1
+    monkeypatch.setenv("DMLIB_PROFILE", "CPU")
+    assert dmlib.budget(test=1, cpu=2, gpu=3) == 2
+    monkeypatch.setenv("DMLIB_PROFILE", "tpu")
+    with pytest.raises(ValueError, match="'tpu' is not a profile"):
+        dmlib.profile()
