@@ -69,9 +69,15 @@ def posterior(schedule: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t, s):
     one_minus_abar_t = 1 - ratio * abar_s
     coef_x0 = abar_s.sqrt() * beta_ts / one_minus_abar_t
     coef_xt = ratio.sqrt() * (1 - abar_s) / one_minus_abar_t
-    var = beta_ts * (1 - abar_s) / one_minus_abar_t
     mean = _col(coef_x0, x0) * x0 + _col(coef_xt, x_t) * x_t
-    return mean, var.to(x_t.dtype)
+    return mean, posterior_variance(schedule, t, s).to(x_t.dtype)
+
+
+def posterior_variance(schedule: Schedule, t, s) -> torch.Tensor:
+    """``betatilde = beta_{t|s} (1 - abar_s) / (1 - abar_t)`` (eq. 7), in float64."""
+    ratio, beta_ts = _transition(schedule, t, s)
+    abar_s = schedule.alpha_bar(as_time(s).to(torch.float64))
+    return beta_ts * (1 - abar_s) / (1 - ratio * abar_s)
 
 
 def posterior_mean_from_eps(schedule: Schedule, x_t: torch.Tensor, eps: torch.Tensor, t, s) -> torch.Tensor:
@@ -103,7 +109,7 @@ def gaussian_nll(x, mean, var) -> torch.Tensor:
 def reverse_variance(schedule: Schedule, t, s, kind: str = "posterior") -> torch.Tensor:
     """Fixed reverse variance of sec. 3.2: ``betatilde`` (``"posterior"``) or ``beta`` (``"beta"``)."""
     if kind == "posterior":
-        return posterior(schedule, torch.zeros(1), torch.zeros(1), t, s)[1].double()
+        return posterior_variance(schedule, t, s)
     if kind == "beta":
         return _transition(schedule, t, s)[1]
     raise ValueError(f"unknown reverse variance {kind!r}; choose 'posterior' (betatilde_t) or 'beta' (beta_t).")

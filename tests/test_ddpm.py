@@ -93,6 +93,12 @@ def test_gaussian_kl_closed_form():
     assert abs(ddpm.gaussian_kl(m_q, 1.0, m_p, 4.0).item() - want) < 1e-6
 
 
+def test_gaussian_nll_is_the_normal_log_density(gen):
+    x, mean = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    want = -torch.distributions.Normal(mean, 0.3).log_prob(x).sum(1)
+    torch.testing.assert_close(ddpm.gaussian_nll(x, mean, torch.tensor(0.09, dtype=torch.float64)), want)
+
+
 def test_vlb_of_the_oracle_bounds_the_true_nll(eight, gen):
     sched = get_schedule("cosine")
     x0 = eight.sample(2000, gen, dtype=torch.float64)

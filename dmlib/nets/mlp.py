@@ -14,8 +14,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) 
     if t.ndim != 1:
         raise ValueError(f"t must have shape (B,); got {tuple(t.shape)}.")
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000 * t.float()[:, None] * freqs[None]
+    dtype = t.dtype if t.is_floating_point() else torch.float32  # float64 times keep their precision
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=dtype) / half)
+    args = 1000 * t.to(dtype)[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=1)
 
 
