@@ -71,11 +71,15 @@ def main():
         for name, run in runs.items():
             best[name] = max(best[name], run())
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.0f} steps/s" for k, v in best.items()), flush=True)
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.steps} steps per run")
+    print(
+        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.steps} steps per run"
+    )
     for name, v in best.items():
         print(f"{name:>10}: {v:7.1f} steps/s")
     print(f"ratio dmlib / bare+same = {best['dmlib'] / best['bare+same']:.3f}  (target >= 0.9)")
-    print(f"ratio dmlib / bare      = {best['dmlib'] / best['bare']:.3f}  (the price of clipping and EMA included)")
+    print(
+        f"ratio dmlib / bare      = {best['dmlib'] / best['bare']:.3f}  (the price of clipping and EMA included)"
+    )
 
 
 if __name__ == "__main__":

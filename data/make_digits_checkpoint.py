@@ -26,15 +26,23 @@ SPEC = json.loads((HERE / "registry.json").read_text())["ddpm_digits_unet16"]
 def main():
     torch.set_num_threads(1)
     schedule = dmlib.get_schedule(SPEC["schedule"])
-    config = TrainConfig(**SPEC["train_config"], checkpoint=str(HERE / "cache" / "ddpm_digits_unet16.ckpt.safetensors"))
+    config = TrainConfig(
+        **SPEC["train_config"], checkpoint=str(HERE / "cache" / "ddpm_digits_unet16.ckpt.safetensors")
+    )
     net = UNet(**SPEC["unet"])
     train(net, load_digits(), lambda m, b, g: ddpm.simple_loss(m, b, schedule, generator=g), config)
-    rev = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=HERE)
+    rev = subprocess.run(
+        ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=HERE
+    )
     commit = rev.stdout.strip() if rev.returncode == 0 else ""
     out = export_weights(
-        config.checkpoint, HERE / SPEC["file"],
-        script="data/make_digits_checkpoint.py", git_commit=commit or "unknown",
-        torch_version=torch.__version__, schedule=SPEC["schedule"], unet=json.dumps(SPEC["unet"]),
+        config.checkpoint,
+        HERE / SPEC["file"],
+        script="data/make_digits_checkpoint.py",
+        git_commit=commit or "unknown",
+        torch_version=torch.__version__,
+        schedule=SPEC["schedule"],
+        unet=json.dumps(SPEC["unet"]),
     )
     print(out, sha256(out))
 

@@ -11,7 +11,23 @@ from .schedules import ddpm_tables, get_schedule
 from .train import TrainConfig
 
 __all__ = [
-    "Denoiser", "GaussianMixture", "MixtureOracle", "TrainConfig", "budget", "data", "ddpm", "ddpm_tables",
-    "exercises", "get_schedule", "metrics", "nets", "oracle", "parameterization", "plot", "profile", "profiles",
-    "schedules", "train",
+    "Denoiser",
+    "GaussianMixture",
+    "MixtureOracle",
+    "TrainConfig",
+    "budget",
+    "data",
+    "ddpm",
+    "ddpm_tables",
+    "exercises",
+    "get_schedule",
+    "metrics",
+    "nets",
+    "oracle",
+    "parameterization",
+    "plot",
+    "profile",
+    "profiles",
+    "schedules",
+    "train",
 ]

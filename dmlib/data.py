@@ -46,7 +46,9 @@ def _swiss_roll(n, g):
 def _two_moons(n, g):
     u = math.pi * torch.rand(n, generator=g)
     upper = torch.rand(n, generator=g) < 0.5
-    x = torch.where(upper[:, None], torch.stack([u.cos(), u.sin()], 1), torch.stack([1 - u.cos(), 0.5 - u.sin()], 1))
+    x = torch.where(
+        upper[:, None], torch.stack([u.cos(), u.sin()], 1), torch.stack([1 - u.cos(), 0.5 - u.sin()], 1)
+    )
     return (x - torch.tensor([0.5, 0.25])) * 1.5 + 0.05 * torch.randn(n, 2, generator=g)
 
 
@@ -63,7 +65,12 @@ def _spirals(n, g):
     return x + 0.05 * torch.randn(n, 2, generator=g)
 
 
-SAMPLERS = {"swiss_roll": _swiss_roll, "two_moons": _two_moons, "checkerboard": _checkerboard, "spirals": _spirals}
+SAMPLERS = {
+    "swiss_roll": _swiss_roll,
+    "two_moons": _two_moons,
+    "checkerboard": _checkerboard,
+    "spirals": _spirals,
+}
 TOY_DATASETS = tuple(MIXTURES) + tuple(SAMPLERS)
 
 

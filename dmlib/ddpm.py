@@ -112,7 +112,9 @@ def reverse_variance(schedule: Schedule, t, s, kind: str = "posterior") -> torch
         return posterior_variance(schedule, t, s)
     if kind == "beta":
         return _transition(schedule, t, s)[1]
-    raise ValueError(f"unknown reverse variance {kind!r}; choose 'posterior' (betatilde_t) or 'beta' (beta_t).")
+    raise ValueError(
+        f"unknown reverse variance {kind!r}; choose 'posterior' (betatilde_t) or 'beta' (beta_t)."
+    )
 
 
 def vlb_terms(denoiser: Denoiser, x0: torch.Tensor, T: int, *, variance: str = "posterior", generator=None):
@@ -164,7 +166,9 @@ def check_timesteps(timesteps) -> torch.Tensor:
     """Sampler time grids run strictly downwards inside [0, 1], e.g. ``torch.linspace(1, 0, T + 1)``."""
     ts = as_time(timesteps)
     if ts.ndim != 1 or ts.numel() < 2:
-        raise ValueError(f"timesteps must be a 1-D tensor with at least 2 times; got shape {tuple(ts.shape)}.")
+        raise ValueError(
+            f"timesteps must be a 1-D tensor with at least 2 times; got shape {tuple(ts.shape)}."
+        )
     if not (ts[1:] < ts[:-1]).all():
         i = int((ts[1:] >= ts[:-1]).nonzero()[0])
         raise ValueError(

@@ -21,7 +21,9 @@ def _call(name: str, fn, *args):
     try:
         return fn(*args)
     except NotImplementedError as err:
-        raise ExerciseFailed(f"{name}: not implemented yet. Replace the `raise NotImplementedError` with your code.") from err
+        raise ExerciseFailed(
+            f"{name}: not implemented yet. Replace the `raise NotImplementedError` with your code."
+        ) from err
 
 
 def _compare(name: str, got, want, what: str, hint: str, atol: float = 1e-5):
@@ -43,7 +45,10 @@ def check_forward_sample(fn) -> bool:
         want = abar**0.5 * x0 + (1 - abar) ** 0.5 * eps
         got = _call("forward_sample", fn, x0, torch.tensor(abar, dtype=torch.float64), eps)
         _compare(
-            "forward_sample", got, want, f"x_t at alpha_bar_t={abar}",
+            "forward_sample",
+            got,
+            want,
+            f"x_t at alpha_bar_t={abar}",
             "x_t = sqrt(alpha_bar_t) * x0 + sqrt(1 - alpha_bar_t) * eps; mind the square roots.",
         )
     print("forward_sample: correct.")
@@ -63,11 +68,17 @@ def check_posterior(fn) -> bool:
         if not (isinstance(got, tuple) and len(got) == 2):
             raise ExerciseFailed("posterior: return a pair (mean, variance).")
         _compare(
-            "posterior", got[0], want_mean, f"the mean at t={t}",
+            "posterior",
+            got[0],
+            want_mean,
+            f"the mean at t={t}",
             "mean = sqrt(abar_{t-1}) beta_t/(1-abar_t) x0 + sqrt(alpha_t)(1-abar_{t-1})/(1-abar_t) x_t, alpha_t = 1-beta_t.",
         )
         _compare(
-            "posterior", torch.as_tensor(got[1]).reshape(()), want_var.reshape(()), f"the variance at t={t}",
+            "posterior",
+            torch.as_tensor(got[1]).reshape(()),
+            want_var.reshape(()),
+            f"the variance at t={t}",
             "variance = beta_t (1 - abar_{t-1}) / (1 - abar_t): smaller than beta_t.",
         )
     print("posterior: correct.")
@@ -83,7 +94,10 @@ def check_x0_from_eps(fn) -> bool:
         want = (x_t - (1 - abar) ** 0.5 * eps) / abar**0.5
         got = _call("x0_from_eps", fn, x_t, eps, torch.tensor(abar, dtype=torch.float64))
         _compare(
-            "x0_from_eps", got, want, f"x0_hat at alpha_bar_t={abar}",
+            "x0_from_eps",
+            got,
+            want,
+            f"x0_hat at alpha_bar_t={abar}",
             "solve x_t = sqrt(abar) x0 + sqrt(1 - abar) eps for x0.",
         )
     print("x0_from_eps: correct.")

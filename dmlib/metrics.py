@@ -9,7 +9,9 @@ from .oracle import GaussianMixture
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor):
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"need two (N, D) sample sets of equal D; got {tuple(x.shape)} and {tuple(y.shape)}.")
+        raise ValueError(
+            f"need two (N, D) sample sets of equal D; got {tuple(x.shape)} and {tuple(y.shape)}."
+        )
 
 
 def sliced_wasserstein(x, y, n_projections: int = 512, generator: torch.Generator | None = None) -> float:

@@ -32,12 +32,13 @@ def trajectories(ax, path, *, n: int = 64, lim: float = 3.0, cmap: str = "viridi
     return ax
 
 
-def strip(states, times, *, lim: float = 3.0, size: float = 1.8, **kwargs):
+def strip(states, times, *, title: str | None = None, lim: float = 3.0, size: float = 1.8, **kwargs):
     """One scatter panel per state, e.g. the forward process at several times. Returns the figure."""
-    fig, axes = plt.subplots(1, len(states), figsize=(size * len(states), size * 1.1))
+    fig, axes = plt.subplots(1, len(states), figsize=(size * len(states), size * 1.25), layout="constrained")
     for ax, x, t in zip(np.atleast_1d(axes), states, times):
         scatter(ax, x, lim=lim, title=f"t = {float(t):.2f}", **kwargs)
-    fig.tight_layout()
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
@@ -49,7 +50,9 @@ def image_grid(images, nrow: int = 8, pad: int = 1) -> np.ndarray:
     grid = np.ones((c, ncol * (h + pad) + pad, nrow * (w + pad) + pad))
     for i in range(b):
         r, q = divmod(i, nrow)
-        grid[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = x[i]
+        grid[
+            :, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w
+        ] = x[i]
     return grid[0] if c == 1 else grid.transpose(1, 2, 0)
 
 

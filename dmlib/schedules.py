@@ -81,7 +81,9 @@ class Schedule:
             too_early = self.log_snr(mid) > target  # still too much signal: answer lies later
             lo = torch.where(too_early, mid, lo)
             hi = torch.where(too_early, hi, mid)
-        return ((lo + hi) / 2).to(torch.as_tensor(log_snr).dtype if torch.is_tensor(log_snr) else torch.float64)
+        return ((lo + hi) / 2).to(
+            torch.as_tensor(log_snr).dtype if torch.is_tensor(log_snr) else torch.float64
+        )
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -162,7 +164,9 @@ class DDPMTables:
     def __post_init__(self):
         b = self.betas
         if b.ndim != 1 or b.numel() < 2:
-            raise ValueError(f"betas must be a 1-D tensor [0, beta_1, ..., beta_T]; got shape {tuple(b.shape)}.")
+            raise ValueError(
+                f"betas must be a 1-D tensor [0, beta_1, ..., beta_T]; got shape {tuple(b.shape)}."
+            )
         if b[0] != 0:
             raise ValueError(f"betas[0] is the data step and must be 0; got {b[0].item():g}.")
         inner = b[1:]

@@ -43,7 +43,9 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1 or self.check_every < 1 or self.checkpoint_every < 1:
-            raise ValueError(f"steps >= 0, batch_size, check_every and checkpoint_every >= 1 needed; got {self}.")
+            raise ValueError(
+                f"steps >= 0, batch_size, check_every and checkpoint_every >= 1 needed; got {self}."
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay}.")
 
@@ -51,7 +53,9 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     model: torch.nn.Module
-    ema: torch.nn.Module  # exponential moving average of the weights (Polyak & Juditsky 1992): sample with this
+    ema: (
+        torch.nn.Module
+    )  # exponential moving average of the weights (Polyak & Juditsky 1992): sample with this
     losses: torch.Tensor  # one loss per step, on the CPU
     seconds: float  # wall time of this call (not of earlier, resumed-from runs)
 
@@ -97,7 +101,9 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"Delete it to train from scratch."
         ) from err
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not a dmlib trainer checkpoint (format {meta.get('format')!r}).")
+        raise ValueError(
+            f"{path} is a safetensors file but not a dmlib trainer checkpoint (format {meta.get('format')!r})."
+        )
     return tensors, meta
 
 
@@ -119,7 +125,9 @@ def load_weights(model: torch.nn.Module, path) -> torch.nn.Module:
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"weights file {path} is unreadable ({err}); it is corrupt or not safetensors.") from err
+        raise ValueError(
+            f"weights file {path} is unreadable ({err}); it is corrupt or not safetensors."
+        ) from err
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
@@ -171,7 +179,9 @@ def train(
     params, ema_params = list(model.parameters()), list(ema.parameters())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     tic = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start, disable=not config.progress, desc="training", mininterval=1.0)
+    bar = tqdm(
+        total=config.steps, initial=start, disable=not config.progress, desc="training", mininterval=1.0
+    )
 
     def check(upto: int):
         window = buffer[checked:upto]

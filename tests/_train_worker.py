@@ -16,8 +16,15 @@ def job(checkpoint, steps):
     net = MLP(hidden=32, depth=2)
     x = make_toy("two_moons", 2048, torch.Generator().manual_seed(0))
     sched = get_schedule("cosine")
-    config = TrainConfig(steps=steps, batch_size=64, seed=3, checkpoint=checkpoint, checkpoint_every=25,
-                         progress=False, device="cpu")
+    config = TrainConfig(
+        steps=steps,
+        batch_size=64,
+        seed=3,
+        checkpoint=checkpoint,
+        checkpoint_every=25,
+        progress=False,
+        device="cpu",
+    )
     return train(net, x, lambda m, b, g: ddpm.simple_loss(m, b, sched, generator=g), config)
 
 

@@ -14,7 +14,9 @@ def mixture():
     """An anisotropic, unequal-weight mixture: harder for the oracle than the toy sets."""
     from dmlib.oracle import GaussianMixture
 
-    covs = torch.tensor([[[0.30, 0.10], [0.10, 0.20]], [[0.05, 0.0], [0.0, 0.40]], [[0.1, -0.05], [-0.05, 0.1]]])
+    covs = torch.tensor(
+        [[[0.30, 0.10], [0.10, 0.20]], [[0.05, 0.0], [0.0, 0.40]], [[0.1, -0.05], [-0.05, 0.1]]]
+    )
     return GaussianMixture([[-1.5, 0.0], [1.0, 1.0], [0.5, -1.5]], covs, weights=[0.5, 0.3, 0.2])
 
 

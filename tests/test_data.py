@@ -35,7 +35,9 @@ def test_digits_offline_and_in_range():
 
 
 def _write_idx(path, array, compress=False):
-    payload = struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    payload = (
+        struct.pack(">HBB", 0, 8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    )
     (gzip.open if compress else open)(path, "wb").write(payload)
 
 

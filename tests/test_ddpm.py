@@ -44,8 +44,11 @@ def test_posterior_matches_bayes_rule(t_step, s_step):
     a_s, a_t = abar[s_step].item(), abar[t_step].item()
     mean_num, var_num = _bayes_on_grid(a_s**0.5 * x0, 1 - a_s, (a_t / a_s) ** 0.5, 1 - a_t / a_s, x_t)
     mean, var = ddpm.posterior(
-        sched, torch.tensor([[x_t]], dtype=torch.float64), torch.tensor([[x0]], dtype=torch.float64),
-        t_step / T, s_step / T,
+        sched,
+        torch.tensor([[x_t]], dtype=torch.float64),
+        torch.tensor([[x0]], dtype=torch.float64),
+        t_step / T,
+        s_step / T,
     )
     assert abs(mean.item() - mean_num.item()) < 1e-6
     assert abs(var.item() - var_num.item()) / var_num.item() < 1e-4
@@ -57,14 +60,22 @@ def test_posterior_mean_from_eps_equals_posterior_with_x0_hat(t, s, gen):
     x_t = torch.randn(16, 2, generator=gen, dtype=torch.float64)
     eps = torch.randn(16, 2, generator=gen, dtype=torch.float64)
     x0_hat = (x_t - sched.sigma(t) * eps) / sched.alpha(t)
-    torch.testing.assert_close(ddpm.posterior_mean_from_eps(sched, x_t, eps, t, s), ddpm.posterior(sched, x_t, x0_hat, t, s)[0])
+    torch.testing.assert_close(
+        ddpm.posterior_mean_from_eps(sched, x_t, eps, t, s), ddpm.posterior(sched, x_t, x0_hat, t, s)[0]
+    )
 
 
 def test_posterior_variance_is_betatilde():
     sched = get_schedule("linear")
     tables = ddpm_tables(sched, 50)
     for t in (1, 10, 50):
-        _, var = ddpm.posterior(sched, torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64), t / 50, (t - 1) / 50)
+        _, var = ddpm.posterior(
+            sched,
+            torch.zeros(1, 1, dtype=torch.float64),
+            torch.zeros(1, 1, dtype=torch.float64),
+            t / 50,
+            (t - 1) / 50,
+        )
         torch.testing.assert_close(var, tables.posterior_variance[t])
 
 
@@ -94,7 +105,10 @@ def test_gaussian_kl_closed_form():
 
 
 def test_gaussian_nll_is_the_normal_log_density(gen):
-    x, mean = torch.randn(5, 3, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    x, mean = (
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+    )
     want = -torch.distributions.Normal(mean, 0.3).log_prob(x).sum(1)
     torch.testing.assert_close(ddpm.gaussian_nll(x, mean, torch.tensor(0.09, dtype=torch.float64)), want)
 
@@ -120,10 +134,16 @@ def test_ancestral_sampling_with_the_oracle_reaches_the_data(variance, eight):
     sched = get_schedule("cosine")
     n = 4000
     x = ddpm.sample_ancestral(
-        MixtureOracle(eight, sched).denoiser(), torch.randn(n, 2, generator=g), torch.linspace(1, 0, 201),
-        variance=variance, generator=g,
+        MixtureOracle(eight, sched).denoiser(),
+        torch.randn(n, 2, generator=g),
+        torch.linspace(1, 0, 201),
+        variance=variance,
+        generator=g,
     )
-    floor = sum(metrics.sliced_wasserstein(eight.sample(n, g), eight.sample(n, g), generator=g) for _ in range(5)) / 5
+    floor = (
+        sum(metrics.sliced_wasserstein(eight.sample(n, g), eight.sample(n, g), generator=g) for _ in range(5))
+        / 5
+    )
     sw = metrics.sliced_wasserstein(x, eight.sample(n, g), generator=g)
     assert sw < 1.5 * floor, f"SW to data {sw:.3f} vs data-to-data {floor:.3f}"
     cov = metrics.mode_coverage(x, eight)
@@ -133,8 +153,12 @@ def test_ancestral_sampling_with_the_oracle_reaches_the_data(variance, eight):
 def test_sampler_callback_sees_every_state(eight):
     sched = get_schedule("linear")
     seen = []
-    ddpm.sample_ancestral(MixtureOracle(eight, sched).denoiser(), torch.randn(5, 2), torch.linspace(1, 0, 11),
-                          callback=lambda i, t, x: seen.append((i, float(t))))
+    ddpm.sample_ancestral(
+        MixtureOracle(eight, sched).denoiser(),
+        torch.randn(5, 2),
+        torch.linspace(1, 0, 11),
+        callback=lambda i, t, x: seen.append((i, float(t))),
+    )
     assert [i for i, _ in seen] == list(range(11)) and seen[-1][1] == 0.0
 
 
@@ -160,7 +184,9 @@ def test_bad_inputs_to_forward_and_loss():
     with pytest.raises(ValueError, match="'score'"):
         ddpm.simple_loss(lambda x, t: x, torch.zeros(4, 2), sched, prediction="score")
     with pytest.raises(ValueError, match="unknown reverse variance 'big'"):
-        ddpm.sample_ancestral(Denoiser(lambda x, t: x, sched), torch.zeros(3, 2), torch.linspace(1, 0, 3), variance="big")
+        ddpm.sample_ancestral(
+            Denoiser(lambda x, t: x, sched), torch.zeros(3, 2), torch.linspace(1, 0, 3), variance="big"
+        )
 
 
 def test_simple_loss_is_minimized_by_the_oracle(eight, gen):
@@ -168,7 +194,14 @@ def test_simple_loss_is_minimized_by_the_oracle(eight, gen):
     sched = get_schedule("cosine")
     oracle = MixtureOracle(eight, sched)
     x0 = eight.sample(20_000, torch.Generator().manual_seed(0), dtype=torch.float64)
-    exact = ddpm.simple_loss(oracle.x0, x0, sched, prediction="x0", generator=torch.Generator().manual_seed(1))
-    shrunk = ddpm.simple_loss(lambda x, t: 0.9 * oracle.x0(x, t), x0, sched, prediction="x0",
-                              generator=torch.Generator().manual_seed(1))
+    exact = ddpm.simple_loss(
+        oracle.x0, x0, sched, prediction="x0", generator=torch.Generator().manual_seed(1)
+    )
+    shrunk = ddpm.simple_loss(
+        lambda x, t: 0.9 * oracle.x0(x, t),
+        x0,
+        sched,
+        prediction="x0",
+        generator=torch.Generator().manual_seed(1),
+    )
     assert exact < shrunk

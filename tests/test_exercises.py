@@ -18,8 +18,10 @@ CHAPTERS = sorted((Path(__file__).resolve().parent.parent / "chapters").glob("*.
 
 def _exercises(path):
     cells = [c for c in jupytext.read(path).cells if c.cell_type == "code"]
-    by_tag = {tag: [c.source for c in cells if tag in c.metadata.get("tags", [])]
-              for tag in ("exercise-stub", "exercise-solution", "exercise-check")}
+    by_tag = {
+        tag: [c.source for c in cells if tag in c.metadata.get("tags", [])]
+        for tag in ("exercise-stub", "exercise-solution", "exercise-check")
+    }
     assert len(set(map(len, by_tag.values()))) == 1, f"{path.name}: stubs, solutions and checks must pair up"
     return list(zip(*by_tag.values()))
 
@@ -51,12 +53,19 @@ def test_check_fails_on_stub_and_passes_on_solution(chapter, index, exercise):
 MISTAKES = [
     (check_forward_sample, lambda x0, abar, eps: abar * x0 + (1 - abar) * eps, "square roots"),
     (check_forward_sample, lambda x0, abar, eps: (abar.sqrt() * x0 + (1 - abar).sqrt() * eps)[:1], "shape"),
-    (check_posterior,
-     lambda x_t, x0, b, ab, abp: ((abp.sqrt() * b * x0 + abp.sqrt() * (1 - abp) * x_t) / (1 - ab), b * (1 - abp) / (1 - ab)),
-     "the mean"),  # the misprint of Chang et al. eq. 13: sqrt(abar_{t-1}) where sqrt(alpha_t) belongs
-    (check_posterior,
-     lambda x_t, x0, b, ab, abp: (((1 - b) ** 0.5 * (1 - abp) * x_t + abp.sqrt() * b * x0) / (1 - ab), b),
-     "the variance"),
+    (
+        check_posterior,
+        lambda x_t, x0, b, ab, abp: (
+            (abp.sqrt() * b * x0 + abp.sqrt() * (1 - abp) * x_t) / (1 - ab),
+            b * (1 - abp) / (1 - ab),
+        ),
+        "the mean",
+    ),  # the misprint of Chang et al. eq. 13: sqrt(abar_{t-1}) where sqrt(alpha_t) belongs
+    (
+        check_posterior,
+        lambda x_t, x0, b, ab, abp: (((1 - b) ** 0.5 * (1 - abp) * x_t + abp.sqrt() * b * x0) / (1 - ab), b),
+        "the variance",
+    ),
     (check_posterior, lambda x_t, x0, b, ab, abp: x_t, "pair"),
     (check_x0_from_eps, lambda x_t, eps, ab: x_t - (1 - ab).sqrt() * eps, "off by"),
     (check_x0_from_eps, lambda x_t, eps, ab: torch.full_like(x_t, float("nan")), "off by"),

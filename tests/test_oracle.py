@@ -21,7 +21,9 @@ def test_density_at_t0_integrates_to_one_and_is_the_data_density(mixture):
     xy = torch.cartesian_prod(g, g)
     p = MixtureOracle(mixture, get_schedule("linear")).log_prob(xy, 0.0).exp()
     assert abs(p.sum().item() * (g[1] - g[0]).item() ** 2 - 1) < 1e-4
-    torch.testing.assert_close(mixture.log_prob(xy[:100]), MixtureOracle(mixture, get_schedule("linear")).log_prob(xy[:100], 0.0))
+    torch.testing.assert_close(
+        mixture.log_prob(xy[:100]), MixtureOracle(mixture, get_schedule("linear")).log_prob(xy[:100], 0.0)
+    )
 
 
 def test_diffused_density_is_the_density_of_noised_samples(mixture, gen):

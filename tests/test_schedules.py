@@ -28,7 +28,9 @@ def test_log_snr_inverse_round_trips(name):
 def test_tables_reproduce_the_continuous_schedule(name):
     s = get_schedule(name)
     tables = ddpm_tables(s, 200)
-    torch.testing.assert_close(tables.alphas_cumprod, s.alpha_bar(torch.arange(201, dtype=torch.float64) / 200))
+    torch.testing.assert_close(
+        tables.alphas_cumprod, s.alpha_bar(torch.arange(201, dtype=torch.float64) / 200)
+    )
     # betatilde_t < beta_t: the posterior is narrower than the forward step
     assert (tables.posterior_variance[2:] < tables.betas[2:]).all()
 
@@ -54,7 +56,10 @@ def test_time_out_of_range_is_a_clear_error(bad):
         get_schedule("linear").alpha(torch.tensor([0.5, bad]))
 
 
-@pytest.mark.parametrize("betas,where", [([0.1, 1.0, 0.2], "beta_2 = 1"), ([0.0, 0.1], "beta_1 = 0"), ([0.1, -0.2], "beta_2 = -0.2")])
+@pytest.mark.parametrize(
+    "betas,where",
+    [([0.1, 1.0, 0.2], "beta_2 = 1"), ([0.0, 0.1], "beta_1 = 0"), ([0.1, -0.2], "beta_2 = -0.2")],
+)
 def test_betas_outside_unit_interval_rejected(betas, where):
     with pytest.raises(ValueError, match=where):
         DDPMTables.from_betas(betas)

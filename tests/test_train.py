@@ -10,7 +10,7 @@ import torch
 from dmlib import ddpm, get_schedule, metrics
 from dmlib.data import eight_gaussians
 from dmlib.nets import MLP
-from dmlib.train import TrainConfig, load_checkpoint, load_weights, export_weights, train
+from dmlib.train import TrainConfig, export_weights, load_checkpoint, load_weights, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _train_worker import job  # noqa: E402
@@ -21,7 +21,9 @@ STEPS = 2000
 def test_killed_run_resumes_to_identical_weights(tmp_path):
     """SIGKILL a training process after its first checkpoint, resume, and compare with an uninterrupted run."""
     ckpt = tmp_path / "run.safetensors"
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "_train_worker.py"), str(ckpt), str(STEPS)])
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "_train_worker.py"), str(ckpt), str(STEPS)]
+    )
     deadline = time.time() + 120
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -54,22 +56,35 @@ def test_nan_loss_names_the_step():
         return loss * float("nan") if calls["n"] == 8 else loss
 
     with pytest.raises(FloatingPointError, match="loss became nan at step 7"):
-        train(MLP(hidden=8, depth=1), torch.randn(64, 2), loss_fn, TrainConfig(steps=30, check_every=10, progress=False))
+        train(
+            MLP(hidden=8, depth=1),
+            torch.randn(64, 2),
+            loss_fn,
+            TrainConfig(steps=30, check_every=10, progress=False),
+        )
 
 
-@pytest.mark.parametrize("content", [b"not a checkpoint at all", b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":"])
+@pytest.mark.parametrize("content", [b"not a checkpoint at all", b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":'])
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(content)
     with pytest.raises(ValueError, match="bad.safetensors is unreadable"):
-        train(MLP(), torch.randn(8, 2), lambda m, b, g: m(b, torch.zeros(len(b))).sum(),
-              TrainConfig(steps=2, checkpoint=str(bad), progress=False))
+        train(
+            MLP(),
+            torch.randn(8, 2),
+            lambda m, b, g: m(b, torch.zeros(len(b))).sum(),
+            TrainConfig(steps=2, checkpoint=str(bad), progress=False),
+        )
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
     ckpt = tmp_path / "c.safetensors"
-    train(MLP(hidden=8), torch.randn(8, 2), lambda m, b, g: (m(b, torch.zeros(len(b))) ** 2).mean(),
-          TrainConfig(steps=3, checkpoint=str(ckpt), progress=False))
+    train(
+        MLP(hidden=8),
+        torch.randn(8, 2),
+        lambda m, b, g: (m(b, torch.zeros(len(b))) ** 2).mean(),
+        TrainConfig(steps=3, checkpoint=str(ckpt), progress=False),
+    )
     ckpt.write_bytes(ckpt.read_bytes()[:-100])
     with pytest.raises(ValueError, match="unreadable"):
         load_checkpoint(ckpt)
@@ -77,8 +92,12 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 
 def test_exported_weights_round_trip_and_mismatch(tmp_path):
     ckpt, out = tmp_path / "c.safetensors", tmp_path / "w.safetensors"
-    result = train(MLP(hidden=8), torch.randn(8, 2), lambda m, b, g: (m(b, torch.zeros(len(b))) ** 2).mean(),
-                   TrainConfig(steps=3, checkpoint=str(ckpt), progress=False))
+    result = train(
+        MLP(hidden=8),
+        torch.randn(8, 2),
+        lambda m, b, g: (m(b, torch.zeros(len(b))) ** 2).mean(),
+        TrainConfig(steps=3, checkpoint=str(ckpt), progress=False),
+    )
     export_weights(ckpt, out, note="test")
     loaded = load_weights(MLP(hidden=8), out)
     for a, b in zip(loaded.state_dict().values(), result.ema.state_dict().values()):
@@ -94,13 +113,18 @@ def test_ddpm_on_eight_gaussians_at_cpu_budget():
     mix = eight_gaussians()
     sched = get_schedule("cosine")
     data = mix.sample(20_000, torch.Generator().manual_seed(0))
-    result = train(MLP(), data, lambda m, b, g: ddpm.simple_loss(m, b, sched, generator=g),
-                   TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.995, progress=False))
+    result = train(
+        MLP(),
+        data,
+        lambda m, b, g: ddpm.simple_loss(m, b, sched, generator=g),
+        TrainConfig(steps=3000, batch_size=512, lr=2e-3, ema_decay=0.995, progress=False),
+    )
     g = torch.Generator().manual_seed(1)
     from dmlib.parameterization import Denoiser
 
-    x = ddpm.sample_ancestral(Denoiser(result.ema, sched), torch.randn(4000, 2, generator=g),
-                              torch.linspace(1, 0, 201), generator=g)
+    x = ddpm.sample_ancestral(
+        Denoiser(result.ema, sched), torch.randn(4000, 2, generator=g), torch.linspace(1, 0, 201), generator=g
+    )
     cov = metrics.mode_coverage(x, mix)
     assert cov["modes"] == 8, cov
     assert cov["near"] >= 0.90, cov

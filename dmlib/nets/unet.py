@@ -36,7 +36,9 @@ class UNet(nn.Module):
         super().__init__()
         self.in_channels, self.factor = in_channels, 2 ** (len(channel_mults) - 1)
         self.time_dim = 4 * base
-        self.time_mlp = nn.Sequential(nn.Linear(base, self.time_dim), nn.SiLU(), nn.Linear(self.time_dim, self.time_dim))
+        self.time_mlp = nn.Sequential(
+            nn.Linear(base, self.time_dim), nn.SiLU(), nn.Linear(self.time_dim, self.time_dim)
+        )
         self.base = base
         self.conv_in = nn.Conv2d(in_channels, base, 3, padding=1)
         chans = [base * m for m in channel_mults]
@@ -60,7 +62,9 @@ class UNet(nn.Module):
             raise ValueError(f"UNet expects x of shape (B, {self.in_channels}, H, W); got {tuple(x.shape)}.")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"UNet needs H and W divisible by {self.factor}; got {tuple(x.shape[2:])}.")
-        emb = self.time_mlp(timestep_embedding(t.expand(x.shape[0]) if t.ndim == 0 else t, self.base).to(x.dtype))
+        emb = self.time_mlp(
+            timestep_embedding(t.expand(x.shape[0]) if t.ndim == 0 else t, self.base).to(x.dtype)
+        )
         h = self.conv_in(x)
         skips = []
         for i, block in enumerate(self.down):
