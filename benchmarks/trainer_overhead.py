@@ -31,7 +31,7 @@ def bare_loop(data, steps, batch, schedule, same_work):
     g = torch.Generator().manual_seed(0)
     params, ema_params = list(model.parameters()), list(ema.parameters())
     tic = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
         idx = torch.randint(0, data.shape[0], (batch,), generator=g)
         loss = ddpm.simple_loss(model, data[idx], schedule, generator=g)
         opt.zero_grad(set_to_none=True)
@@ -40,8 +40,9 @@ def bare_loop(data, steps, batch, schedule, same_work):
             torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if same_work:
+            decay = min(0.999, (1 + step) / (10 + step))
             with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - 0.999)
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
     return steps / (time.perf_counter() - tic)
 
 

@@ -196,26 +196,30 @@ def train(
 
     checked = start
     model.train()
-    for step in range(start, config.steps):
-        idx = torch.randint(0, data.shape[0], (config.batch_size,), device=device, generator=generator)
-        with autocast:
-            loss = loss_fn(model, data[idx], generator)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-        opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - config.ema_decay)
-        buffer[step] = loss.detach()
-        done = step + 1
-        save = ckpt is not None and (done % config.checkpoint_every == 0 or done == config.steps)
-        if save or done % config.check_every == 0 or done == config.steps:
-            check(done)  # before saving: a checkpoint never holds weights trained on a NaN loss
-            checked = done
-        if save:
-            _save_checkpoint(ckpt, model, ema, opt, generator, buffer[:done], done, config)
-    bar.close()
+    try:
+        for step in range(start, config.steps):
+            idx = torch.randint(0, data.shape[0], (config.batch_size,), device=device, generator=generator)
+            with autocast:
+                loss = loss_fn(model, data[idx], generator)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            opt.step()
+            # EMA with warm-up: early averages would otherwise be dominated by the random initialization
+            decay = min(config.ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
+            buffer[step] = loss.detach()
+            done = step + 1
+            save = ckpt is not None and (done % config.checkpoint_every == 0 or done == config.steps)
+            if save or done % config.check_every == 0 or done == config.steps:
+                check(done)  # before saving: a checkpoint never holds weights trained on a NaN loss
+                checked = done
+            if save:
+                _save_checkpoint(ckpt, model, ema, opt, generator, buffer[:done], done, config)
+    finally:
+        bar.close()  # also when a NaN stops training
     model.eval()
     ema.eval()
     return TrainResult(model, ema, buffer.cpu(), time.perf_counter() - tic)
