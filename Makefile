@@ -9,7 +9,7 @@ CHAPTERS := $(sort $(wildcard chapters/*.md))
 # Any change to the library or shipped data invalidates executed chapters in the book's cache.
 LIB_FILES := $(shell find dmlib data -type f \( -name '*.py' -o -name '*.json' -o -name '*.safetensors' \) 2>/dev/null)
 
-.PHONY: install book test lint unit nbtest fast lab clean
+.PHONY: install vendor notebooks student book browser test lint unit nbtest fast lab clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,23 +20,58 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The JavaScript the pages load (MathJax, require.js, the ipywidgets manager), pinned in
+# book/vendor/package-lock.json. Only the files the pages need are copied to _build/vendor/vendor/;
+# _config.yml's html_extra_path puts them at _build/html/vendor/ (not _static/, which every page loads).
+VENDOR := book/vendor
+VENDOR_OUT := _build/vendor/vendor
+$(VENDOR)/node_modules/.package-lock.json: $(VENDOR)/package.json $(VENDOR)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm is required to vendor the website's JavaScript (apt-get install npm)" >&2; exit 1; }
+	cd $(VENDOR) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+# MathJax: the combined bundle, its CHTML fonts, and what it loads on demand (TeX extensions via
+# autoload, the menu's lazy/safe modules, accessibility and speech from the menu). The widget
+# manager's embed-amd.js finds its Font Awesome fonts next to itself; browsers use only woff2/woff.
+$(VENDOR_OUT)/.stamp: $(VENDOR)/node_modules/.package-lock.json $(VENDOR)/widgets-config.js Makefile
+	rm -rf $(VENDOR_OUT) && mkdir -p $(VENDOR_OUT)/mathjax $(VENDOR_OUT)/html-manager
+	cd $(VENDOR)/node_modules/mathjax && cp LICENSE es5/tex-mml-chtml.js $(CURDIR)/$(VENDOR_OUT)/mathjax/ && \
+	  cd es5 && cp -r --parents output/chtml/fonts/woff-v2 input/tex/extensions ui a11y sre $(CURDIR)/$(VENDOR_OUT)/mathjax/
+	cp $(VENDOR)/node_modules/requirejs/require.js $(VENDOR)/widgets-config.js $(VENDOR_OUT)/
+	cd $(VENDOR)/node_modules/@jupyter-widgets/html-manager/dist && \
+	  cp embed-amd.js embed.js.LICENSE.txt *.woff2 *.woff $(CURDIR)/$(VENDOR_OUT)/html-manager/
+	touch $@
+
+vendor: $(VENDOR_OUT)/.stamp
+
 _build/.lib-stamp: $(LIB_FILES)
 	rm -rf _build/.jupyter_cache
 	mkdir -p _build && touch $@
 
+## notebooks / student: every chapter as .ipynb, with solutions (_build/notebooks) or without (_build/student)
+notebooks: $(STAMP)
+	$(PY) -m dmlib.course notebooks _build/notebooks
+
+student: $(STAMP)
+	$(PY) -m dmlib.course notebooks _build/student --student
+
 ## book: execute every chapter at DMLIB_PROFILE=cpu and build the website into _build/html
-book: $(STAMP) _build/.lib-stamp
+book: $(STAMP) _build/.lib-stamp $(VENDOR_OUT)/.stamp notebooks
 	DMLIB_PROFILE=cpu $(VENV)/bin/jupyter-book build . -W --keep-going --all
 
-## test: lint, unit tests, every chapter at DMLIB_PROFILE=test (nbval), then the cpu book build
+## browser: open every built page in headless chromium, offline; screenshots in _build/screenshots/
+browser: book
+	tests/browser/offline.sh $(VENV)/bin/pytest -q -p no:cacheprovider tests/browser
+
+## test: lint, unit tests, every chapter at DMLIB_PROFILE=test (nbval), the cpu book build, the browser check
 test: $(STAMP)
-	$(MAKE) lint unit nbtest book
+	$(MAKE) lint unit nbtest book browser
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dmlib tests benchmarks data
+	$(VENV)/bin/ruff check dmlib tests benchmarks data book/_ext
 
 unit: $(STAMP)
-	$(VENV)/bin/pytest -n 2 -q tests
+	$(VENV)/bin/pytest -n 2 -q tests --ignore=tests/browser
 
 nbtest: $(STAMP)
 	rm -rf $(NB_DIR) && mkdir -p $(NB_DIR)
@@ -45,8 +80,8 @@ nbtest: $(STAMP)
 
 ## fast: the quick loop while writing (no slow training tests, no book build)
 fast: $(STAMP)
-	$(VENV)/bin/ruff check dmlib tests benchmarks data
-	$(VENV)/bin/pytest -n 2 -q -m "not slow" tests
+	$(VENV)/bin/ruff check dmlib tests benchmarks data book/_ext
+	$(VENV)/bin/pytest -n 2 -q -m "not slow" tests --ignore=tests/browser
 	$(MAKE) nbtest
 
 ## lab: JupyterLab, where chapters/*.md open as notebooks

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -74,5 +76,8 @@ def animate(fig, update, frames: int, interval: int = 120):
 
     anim = animation.FuncAnimation(fig, update, frames=frames, interval=interval)
     html = anim.to_jshtml(default_mode="once")
+    # matplotlib's player links Font Awesome 4 from a CDN for its button icons; the book's theme
+    # already loads Font Awesome, and nothing the book runs may need the internet
+    html = re.sub(r'<link rel="stylesheet"\s+href="https://maxcdn\.bootstrapcdn\.com/[^"]*">', "", html)
     plt.close(fig)
     return HTML(html)

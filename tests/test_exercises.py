@@ -1,41 +1,28 @@
 """Every exercise in every chapter: its check fails on the stub, fails on a typical mistake, passes on the solution.
 
 Stubs, solutions and checks are read from the chapters themselves (cells tagged ``exercise-stub``,
-``exercise-solution``, ``exercise-check``), so this test grades what readers actually see.
+``exercise-solution``, ``exercise-check``), so this test grades what readers actually see; the
+student copies that ``python -m dmlib.course notebooks --student`` writes are checked too.
 """
-
-from pathlib import Path
 
 import jupytext
 import pytest
 import torch
 
 import dmlib
+from dmlib.course import chapter_paths, exercises, write_notebooks
 from dmlib.exercises import ExerciseFailed, check_forward_sample, check_posterior, check_x0_from_eps
 
-CHAPTERS = sorted((Path(__file__).resolve().parent.parent / "chapters").glob("*.md"))
-
-
-def _exercises(path):
-    cells = [c for c in jupytext.read(path).cells if c.cell_type == "code"]
-    by_tag = {
-        tag: [c.source for c in cells if tag in c.metadata.get("tags", [])]
-        for tag in ("exercise-stub", "exercise-solution", "exercise-check")
-    }
-    assert len(set(map(len, by_tag.values()))) == 1, f"{path.name}: stubs, solutions and checks must pair up"
-    return list(zip(*by_tag.values()))
-
-
-CASES = [(p.name, i, ex) for p in CHAPTERS for i, ex in enumerate(_exercises(p))]
+CASES = [(p.name, i, ex) for p in chapter_paths() for i, ex in enumerate(exercises(p))]
 
 
 def _namespace():
     return {"torch": torch, "dmlib": dmlib}
 
 
-def test_every_chapter_with_exercises_has_at_least_three():
-    for p in CHAPTERS:
-        assert len(_exercises(p)) >= 3, f"{p.name} has fewer than 3 checked exercises"
+def test_every_chapter_has_at_least_three_checked_exercises():
+    for p in chapter_paths():
+        assert len(exercises(p)) >= 3, f"{p.name} has fewer than 3 checked exercises"
 
 
 @pytest.mark.parametrize("chapter,index,exercise", CASES, ids=[f"{c}-{i}" for c, i, _ in CASES])
@@ -47,6 +34,29 @@ def test_check_fails_on_stub_and_passes_on_solution(chapter, index, exercise):
         exec(check, ns)
     exec(solution, ns)
     exec(check, ns)  # raises if the chapter's own solution is wrong
+
+
+def test_student_notebooks_keep_stubs_and_checks_but_no_solutions(tmp_path):
+    for path in write_notebooks(tmp_path, student=True):
+        cells = jupytext.read(path).cells
+        text = "\n".join(c.source for c in cells)
+        tags = [t for c in cells for t in c.metadata.get("tags", [])]
+        assert "exercise-solution" not in tags and "{solution-start}" not in text, path.name
+        assert tags.count("exercise-stub") == tags.count("exercise-check") >= 3, path.name
+        # what a student runs first: each stub with its check, which must fail
+        ns = _namespace()
+        stubs = [c.source for c in cells if "exercise-stub" in c.metadata.get("tags", [])]
+        checks = [c.source for c in cells if "exercise-check" in c.metadata.get("tags", [])]
+        for stub, check in zip(stubs, checks):
+            exec(stub, ns)
+            with pytest.raises(ExerciseFailed):
+                exec(check, ns)
+
+
+def test_teacher_notebooks_keep_solutions(tmp_path):
+    for path in write_notebooks(tmp_path):
+        tags = [t for c in jupytext.read(path).cells for t in c.metadata.get("tags", [])]
+        assert tags.count("exercise-solution") >= 3
 
 
 # one typical mistake per check: each must be caught, with a message that points at the fix
