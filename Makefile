@@ -45,7 +45,7 @@ $(VENDOR_OUT)/.stamp: $(VENDOR)/node_modules/.package-lock.json $(VENDOR)/widget
 vendor: $(VENDOR_OUT)/.stamp
 
 _build/.lib-stamp: $(LIB_FILES)
-	rm -rf _build/.jupyter_cache
+	rm -rf _build/.jupyter_cache _build/ledger
 	mkdir -p _build && touch $@
 
 ## notebooks / student: every chapter as .ipynb, with solutions (_build/notebooks) or without (_build/student)
