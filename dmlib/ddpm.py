@@ -64,20 +64,24 @@ def posterior(schedule: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t, s):
     ``variance = betatilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)``; the same formula with
     ``alpha_t -> abar_t / abar_s`` holds for any pair ``s < t`` (it is what DDIM's eta = 1 uses).
     """
+    coef_x0, coef_xt, var = _posterior_coefficients(schedule, t, s)
+    mean = _col(coef_x0, x0) * x0 + _col(coef_xt, x_t) * x_t
+    return mean, var.to(x_t.dtype)
+
+
+def _posterior_coefficients(schedule: Schedule, t, s):
+    """Eq. 7 in float64: the ``x_0`` and ``x_t`` coefficients of the posterior mean, and ``betatilde``."""
     ratio, beta_ts = _transition(schedule, t, s)  # ratio = abar_t / abar_s
     abar_s = schedule.alpha_bar(as_time(s).to(torch.float64))
     one_minus_abar_t = 1 - ratio * abar_s
     coef_x0 = abar_s.sqrt() * beta_ts / one_minus_abar_t
     coef_xt = ratio.sqrt() * (1 - abar_s) / one_minus_abar_t
-    mean = _col(coef_x0, x0) * x0 + _col(coef_xt, x_t) * x_t
-    return mean, posterior_variance(schedule, t, s).to(x_t.dtype)
+    return coef_x0, coef_xt, beta_ts * (1 - abar_s) / one_minus_abar_t
 
 
 def posterior_variance(schedule: Schedule, t, s) -> torch.Tensor:
     """``betatilde = beta_{t|s} (1 - abar_s) / (1 - abar_t)`` (eq. 7), in float64."""
-    ratio, beta_ts = _transition(schedule, t, s)
-    abar_s = schedule.alpha_bar(as_time(s).to(torch.float64))
-    return beta_ts * (1 - abar_s) / (1 - ratio * abar_s)
+    return _posterior_coefficients(schedule, t, s)[2]
 
 
 def posterior_mean_from_eps(schedule: Schedule, x_t: torch.Tensor, eps: torch.Tensor, t, s) -> torch.Tensor:

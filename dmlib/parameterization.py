@@ -84,9 +84,8 @@ class Denoiser:
 
     def x0_eps(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x0_hat, eps_hat)`` at ``(x_t, t)``; ``t`` is a scalar or one time per sample."""
-        t = as_time(
-            t, like=x_t
-        )  # a scalar t stays scalar: the oracle is much cheaper with one time per batch
+        # a scalar t stays scalar: the oracle is much cheaper with one time per batch
+        t = as_time(t, like=x_t)
         if t.ndim != 0 and t.shape != x_t.shape[:1]:
             raise ValueError(f"t must be a scalar or have shape ({x_t.shape[0]},); got {tuple(t.shape)}.")
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)

@@ -53,9 +53,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     model: torch.nn.Module
-    ema: (
-        torch.nn.Module
-    )  # exponential moving average of the weights (Polyak & Juditsky 1992): sample with this
+    # exponential moving average of the weights (Polyak & Juditsky 1992): sample with this
+    ema: torch.nn.Module
     losses: torch.Tensor  # one loss per step, on the CPU
     seconds: float  # wall time of this call (not of earlier, resumed-from runs)
 
