@@ -43,17 +43,14 @@ def q_sample_chain(
 
 
 def _transition(schedule: Schedule, t, s):
-    """Coefficients of ``q(x_t | x_s)`` for ``s < t`` in float64: ``alpha_{t|s}^2`` and ``beta_{t|s} = 1 - abar_t/abar_s``.
-
-    ``beta_{t|s}`` is computed as ``-expm1(log abar_t - log abar_s)``: the direct difference of two
-    numbers near 1 loses float32 precision for the small steps of a 1000-step chain.
-    """
+    """``(alpha_{t|s}^2, sigma_{t|s}^2)`` of ``q(x_t | x_s)`` for ``s < t``, in float64; for a VP
+    schedule ``alpha_{t|s}^2 = abar_t / abar_s`` and ``sigma_{t|s}^2 = beta_{t|s} = 1 - abar_t / abar_s``."""
     t = as_time(t).to(torch.float64)
     s = as_time(s).to(torch.float64)
     if (s >= t).any():
         raise ValueError("the posterior q(x_s | x_t, x_0) needs s < t.")
-    log_ratio = torch.log(schedule.alpha_bar(t)) - torch.log(schedule.alpha_bar(s))
-    return log_ratio.exp(), -torch.expm1(log_ratio)
+    a_ts, var_ts = schedule.transition(t, s)
+    return a_ts**2, var_ts
 
 
 def posterior(schedule: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t, s):
@@ -70,13 +67,21 @@ def posterior(schedule: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t, s):
 
 
 def _posterior_coefficients(schedule: Schedule, t, s):
-    """Eq. 7 in float64: the ``x_0`` and ``x_t`` coefficients of the posterior mean, and ``betatilde``."""
-    ratio, beta_ts = _transition(schedule, t, s)  # ratio = abar_t / abar_s
-    abar_s = schedule.alpha_bar(as_time(s).to(torch.float64))
-    one_minus_abar_t = 1 - ratio * abar_s
-    coef_x0 = abar_s.sqrt() * beta_ts / one_minus_abar_t
-    coef_xt = ratio.sqrt() * (1 - abar_s) / one_minus_abar_t
-    return coef_x0, coef_xt, beta_ts * (1 - abar_s) / one_minus_abar_t
+    """Eq. 7 in float64: the ``x_0`` and ``x_t`` coefficients of the posterior mean, and its variance.
+
+    Written for any schedule (Kingma et al. 2021, eq. 29-31): with ``alpha_{t|s}``, ``sigma_{t|s}^2``
+    of :meth:`~dmlib.schedules.Schedule.transition`, ``mean = alpha_s sigma_{t|s}^2 / sigma_t^2 x_0 +
+    alpha_{t|s} sigma_s^2 / sigma_t^2 x_t`` and ``variance = sigma_{t|s}^2 sigma_s^2 / sigma_t^2``;
+    for a VP schedule these are eq. 7's ``sqrt(abar_{t-1}) beta_t / (1 - abar_t)``,
+    ``sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t)`` and ``betatilde_t``.
+    """
+    ratio, var_ts = _transition(schedule, t, s)  # ratio = alpha_{t|s}^2 (abar_t / abar_s for VP)
+    s = as_time(s).to(torch.float64)
+    var_s = schedule.sigma(s) ** 2
+    var_t = ratio * var_s + var_ts  # sigma_t^2, assembled so that it matches the terms above exactly
+    coef_x0 = schedule.alpha(s) * var_ts / var_t
+    coef_xt = ratio.sqrt() * var_s / var_t
+    return coef_x0, coef_xt, var_ts * var_s / var_t
 
 
 def posterior_variance(schedule: Schedule, t, s) -> torch.Tensor:
@@ -91,7 +96,7 @@ def posterior_mean_from_eps(schedule: Schedule, x_t: torch.Tensor, eps: torch.Te
     Algebraically equal to :func:`posterior` with ``x0 = (x_t - sigma_t eps) / alpha_t``, but it never
     divides by ``alpha_t``, which near ``t = 1`` is tiny and would amplify float32 rounding ~10^4-fold.
     """
-    ratio, beta_ts = _transition(schedule, t, s)
+    ratio, beta_ts = _transition(schedule, t, s)  # alpha_{t|s}^2, sigma_{t|s}^2 in general
     sigma_t = schedule.sigma(as_time(t).to(torch.float64))
     return (x_t - _col(beta_ts / sigma_t, x_t) * eps) / _col(ratio.sqrt(), x_t)
 

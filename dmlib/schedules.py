@@ -1,10 +1,12 @@
 """Noise schedules: a Gaussian diffusion is a pair of curves ``x_t = alpha(t) x_0 + sigma(t) eps``.
 
-Every schedule here is variance preserving (``alpha^2 + sigma^2 = 1``) and is defined by its
-cumulative signal fraction ``abar(t) = alpha(t)^2`` on continuous time ``t in [0, 1]``
+Time is continuous, ``t in [0, 1]``. The variance-preserving schedules (``alpha^2 + sigma^2 = 1``:
+linear, cosine, sigmoid) are defined by their cumulative signal fraction ``abar(t) = alpha(t)^2``
 (Ho et al. 2020 write ``abar_t``; Kingma et al. 2021 write the same curve as the log-SNR
-``lambda(t) = log(alpha^2 / sigma^2)``). The discrete DDPM chain with ``T`` steps is the
-schedule read at ``t = i / T`` (:func:`ddpm_tables`).
+``lambda(t) = log(alpha^2 / sigma^2)``). The discrete DDPM chain with ``T`` steps is such a
+schedule read at ``t = i / T`` (:func:`ddpm_tables`). The variance-exploding and sub-VP schedules
+of Song et al. (2021) are pairs of curves too; each schedule also gives its forward SDE
+``dx = f(t) x dt + g(t) dw`` (:meth:`Schedule.drift_diffusion`).
 """
 
 from __future__ import annotations
@@ -37,33 +39,28 @@ def as_time(t, like: torch.Tensor | None = None) -> torch.Tensor:
 
 
 class Schedule:
-    """Base class: subclasses define ``log_alpha_bar(t)``; everything else derives from it."""
+    """Base class: a Gaussian diffusion ``x_t = alpha(t) x_0 + sigma(t) eps`` on ``t in [0, 1]``.
+
+    Subclasses define :meth:`alpha` and :meth:`sigma`; the log-SNR, its inverse, the transition
+    ``q(x_t | x_s)`` and the SDE coefficients ``(f, g^2)`` (:meth:`drift_diffusion`) follow from them.
+    """
 
     name = "schedule"
-
-    def log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def _log_abar(self, t) -> torch.Tensor:
-        # clamped into [LOG_ABAR_MIN, 0]: rounding can give log abar(0) = +1e-17, and sigma = sqrt(-1e-17) is NaN
-        return self.log_alpha_bar(as_time(t)).clamp(LOG_ABAR_MIN, 0.0)
-
-    def alpha_bar(self, t) -> torch.Tensor:
-        """``abar(t) = alpha(t)^2``, Ho et al. (2020) eq. 4's cumulative product in continuous time."""
-        return self._log_abar(t).exp()
+    variance_preserving = False
 
     def alpha(self, t) -> torch.Tensor:
-        """Signal scale ``alpha(t) = sqrt(abar(t))``."""
-        return self.alpha_bar(t).sqrt()
+        raise NotImplementedError
 
     def sigma(self, t) -> torch.Tensor:
-        """Noise scale ``sigma(t) = sqrt(1 - abar(t))`` (computed with expm1 to keep precision near t = 0)."""
-        return (-torch.expm1(self._log_abar(t))).sqrt()
+        raise NotImplementedError
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        """``abar(t) = alpha(t)^2`` (Ho et al. 2020 write it for the cumulative product of eq. 4)."""
+        return self.alpha(t) ** 2
 
     def log_snr(self, t) -> torch.Tensor:
-        """``lambda(t) = log(alpha^2 / sigma^2)`` (Kingma et al. 2021, eq. 3); +inf at t = 0."""
-        log_abar = self._log_abar(t)
-        return log_abar - torch.log(-torch.expm1(log_abar))
+        """``lambda(t) = log(alpha^2 / sigma^2)`` (Kingma et al. 2021, eq. 3); +inf where sigma = 0."""
+        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
 
     def snr(self, t) -> torch.Tensor:
         return self.log_snr(t).exp()
@@ -85,12 +82,117 @@ class Schedule:
             torch.as_tensor(log_snr).dtype if torch.is_tensor(log_snr) else torch.float64
         )
 
+    def transition(self, t, s) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q(x_t | x_s) = N(alpha_{t|s} x_s, sigma_{t|s}^2 I)`` for ``s < t``, in float64.
+
+        ``alpha_{t|s} = alpha_t / alpha_s`` and ``sigma_{t|s}^2 = sigma_t^2 - alpha_{t|s}^2 sigma_s^2``
+        (Kingma et al. 2021, eq. 20-21). Returns ``(alpha_{t|s}, sigma_{t|s}^2)``.
+        """
+        t, s = as_time(t).to(torch.float64), as_time(s).to(torch.float64)
+        a_ts = self.alpha(t) / self.alpha(s)
+        return a_ts, self.sigma(t) ** 2 - a_ts**2 * self.sigma(s) ** 2
+
+    def drift_diffusion(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward SDE ``dx = f(t) x dt + g(t) dw`` whose marginals are this schedule: ``(f, g^2)``.
+
+        For any pair of curves, ``f = d log alpha / dt`` and ``g^2 = d sigma^2 / dt - 2 f sigma^2``
+        (Kingma et al. 2021, appendix A.1; Song et al. 2021, eq. 5.50-5.51 solved for f and g). This
+        generic version differentiates with autograd in float64; the schedules of Song et al. (2021)
+        override it with their printed closed forms, and a test checks that both agree.
+        """
+        t = as_time(t).to(torch.float64).detach().requires_grad_(True)
+        log_alpha, var = torch.log(self.alpha(t)), self.sigma(t) ** 2
+        def d_dt(y):  # a constant curve (VE's alpha = 1) carries no graph: its derivative is 0
+            return torch.autograd.grad(y.sum(), t, retain_graph=True)[0] if y.requires_grad else torch.zeros_like(t)
+
+        f, dvar = d_dt(log_alpha), d_dt(var)
+        return f.detach(), (dvar - 2 * f * var).detach()
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
 
 
-class Linear(Schedule):
+class VarianceExploding(Schedule):
+    """VE SDE of Song et al. (2021), eq. 30: ``alpha = 1``, ``sigma(t) = sigma_min (sigma_max / sigma_min)^t``
+    (the geometric noise levels of NCSN, Song & Ermon 2019), with
+    ``f = 0`` and ``g^2 = d sigma^2 / dt = 2 sigma(t)^2 log(sigma_max / sigma_min)``.
+
+    ``sigma_max`` should be about the largest distance between data points (Song & Ermon 2020,
+    technique 1), so that ``N(0, sigma_max^2 I)`` covers the data.
+    """
+
+    name = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 5.0):
+        if not 0 < sigma_min < sigma_max:
+            raise ValueError(
+                f"need 0 < sigma_min < sigma_max; got sigma_min={sigma_min}, sigma_max={sigma_max}."
+            )
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def alpha(self, t):
+        return torch.ones_like(as_time(t))
+
+    def sigma(self, t):
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** as_time(t)
+
+    def log_snr(self, t):
+        return -2 * torch.log(self.sigma(t))
+
+    def transition(self, t, s):
+        t, s = as_time(t).to(torch.float64), as_time(s).to(torch.float64)
+        return torch.ones_like(t), self.sigma(t) ** 2 - self.sigma(s) ** 2
+
+    def drift_diffusion(self, t):
+        sig = self.sigma(as_time(t).to(torch.float64))
+        return torch.zeros_like(sig), 2 * sig**2 * math.log(self.sigma_max / self.sigma_min)
+
+
+class VariancePreserving(Schedule):
+    """A variance-preserving schedule (``alpha^2 + sigma^2 = 1``), defined by ``log abar(t)``.
+
+    Subclasses define ``log_alpha_bar(t)``; ``alpha = sqrt(abar)`` and ``sigma = sqrt(1 - abar)``.
+    Its SDE is the VP SDE, ``f = -beta(t) / 2`` and ``g^2 = beta(t) = -d log abar / dt``
+    (Song et al. 2021, eq. 11).
+    """
+
+    variance_preserving = True
+
+    def log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _log_abar(self, t) -> torch.Tensor:
+        # clamped into [LOG_ABAR_MIN, 0]: rounding can give log abar(0) = +1e-17, and sigma = sqrt(-1e-17) is NaN
+        return self.log_alpha_bar(as_time(t)).clamp(LOG_ABAR_MIN, 0.0)
+
+    def alpha_bar(self, t) -> torch.Tensor:
+        """``abar(t) = alpha(t)^2``, Ho et al. (2020) eq. 4's cumulative product in continuous time."""
+        return self._log_abar(t).exp()
+
+    def alpha(self, t) -> torch.Tensor:
+        """Signal scale ``alpha(t) = sqrt(abar(t))``."""
+        return self.alpha_bar(t).sqrt()
+
+    def sigma(self, t) -> torch.Tensor:
+        """Noise scale ``sigma(t) = sqrt(1 - abar(t))`` (computed with expm1 to keep precision near t = 0)."""
+        return (-torch.expm1(self._log_abar(t))).sqrt()
+
+    def log_snr(self, t) -> torch.Tensor:
+        """``lambda(t) = log(abar / (1 - abar))``; +inf at t = 0."""
+        log_abar = self._log_abar(t)
+        return log_abar - torch.log(-torch.expm1(log_abar))
+
+    def transition(self, t, s):
+        """As :meth:`Schedule.transition`, with ``sigma_{t|s}^2 = beta_{t|s} = 1 - abar_t / abar_s``
+        computed as ``-expm1(log abar_t - log abar_s)``: the plain difference of two numbers near 1
+        loses float32 precision for the small steps of a 1000-step chain."""
+        t, s = as_time(t).to(torch.float64), as_time(s).to(torch.float64)
+        log_ratio = self._log_abar(t) - self._log_abar(s)
+        return (log_ratio / 2).exp(), -torch.expm1(log_ratio)
+
+
+class Linear(VariancePreserving):
     """VP schedule with linear ``beta(t) = beta_min + t (beta_max - beta_min)`` (Song et al. 2021, VP SDE).
 
     ``abar(t) = exp(-(beta_min t + (beta_max - beta_min) t^2 / 2))``. Read at T = 1000 steps its
@@ -107,8 +209,43 @@ class Linear(Schedule):
     def log_alpha_bar(self, t):
         return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
 
+    def beta(self, t) -> torch.Tensor:
+        """``beta(t) = beta_min + t (beta_max - beta_min)``."""
+        return self.beta_min + as_time(t) * (self.beta_max - self.beta_min)
 
-class Cosine(Schedule):
+    def drift_diffusion(self, t):
+        """VP SDE (Song et al. 2021, eq. 11): ``f = -beta(t) / 2``, ``g^2 = beta(t)``."""
+        beta = self.beta(as_time(t).to(torch.float64))
+        return -beta / 2, beta
+
+
+class SubVP(Schedule):
+    """sub-VP SDE of Song et al. (2021), eq. 32: ``dx = -beta x / 2 dt + sqrt(beta (1 - e^{-2 B(t)})) dw``
+    with ``B(t) = int_0^t beta`` and the linear ``beta`` of :class:`Linear`.
+
+    Its mean is the VP mean, ``alpha = e^{-B/2}``, but its variance is ``sigma^2 = (1 - e^{-B})^2``,
+    below the VP variance ``1 - e^{-B}`` at every t (hence the name).
+    """
+
+    name = "subvp"
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        self._vp = Linear(beta_min, beta_max)  # validates the betas
+        self.beta_min, self.beta_max = beta_min, beta_max
+
+    def alpha(self, t):
+        return self._vp.alpha(t)
+
+    def sigma(self, t):
+        return -torch.expm1(self._vp._log_abar(t))  # 1 - e^{-B(t)}
+
+    def drift_diffusion(self, t):
+        t = as_time(t).to(torch.float64)
+        beta = self._vp.beta(t)
+        return -beta / 2, beta * -torch.expm1(2 * self._vp._log_abar(t))
+
+
+class Cosine(VariancePreserving):
     """Cosine schedule of Nichol & Dhariwal (2021), eq. 17: ``abar(t) = f(t) / f(0)``,
     ``f(t) = cos^2(((t + s) / (1 + s)) pi / 2)`` with offset ``s = 0.008``."""
 
@@ -124,7 +261,7 @@ class Cosine(Schedule):
         return 2 * torch.log(torch.cos((t + self.s) / (1 + self.s) * math.pi / 2).clamp(min=1e-20)) - log_f0
 
 
-class Sigmoid(Schedule):
+class Sigmoid(VariancePreserving):
     """Sigmoid schedule (Jabri et al. 2023; Chen 2023, Algorithm 1):
     ``abar(t) = (sig(e/tau) - sig((t (e - s) + s)/tau)) / (sig(e/tau) - sig(s/tau))``."""
 
@@ -142,7 +279,7 @@ class Sigmoid(Schedule):
         return torch.log(((v_end - v) / (v_end - v_start)).clamp(min=1e-20))
 
 
-SCHEDULES = {"linear": Linear, "cosine": Cosine, "sigmoid": Sigmoid}
+SCHEDULES = {"linear": Linear, "cosine": Cosine, "sigmoid": Sigmoid, "ve": VarianceExploding, "subvp": SubVP}
 
 
 def get_schedule(name: str, **kwargs) -> Schedule:
@@ -206,6 +343,10 @@ class DDPMTables:
 
 def ddpm_tables(schedule: Schedule, T: int) -> DDPMTables:
     """Read a continuous schedule at ``t = i / T``: ``beta_i = 1 - abar(i/T) / abar((i-1)/T)``."""
+    if not schedule.variance_preserving:
+        raise ValueError(
+            f"DDPM tables need a variance-preserving schedule (linear, cosine, sigmoid); got {schedule!r}."
+        )
     if int(T) != T or T < 1:
         raise ValueError(f"T must be a positive integer number of steps; got {T!r}.")
     t = torch.arange(T + 1, dtype=torch.float64) / T
