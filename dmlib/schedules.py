@@ -102,8 +102,13 @@ class Schedule:
         """
         t = as_time(t).to(torch.float64).detach().requires_grad_(True)
         log_alpha, var = torch.log(self.alpha(t)), self.sigma(t) ** 2
+
         def d_dt(y):  # a constant curve (VE's alpha = 1) carries no graph: its derivative is 0
-            return torch.autograd.grad(y.sum(), t, retain_graph=True)[0] if y.requires_grad else torch.zeros_like(t)
+            return (
+                torch.autograd.grad(y.sum(), t, retain_graph=True)[0]
+                if y.requires_grad
+                else torch.zeros_like(t)
+            )
 
         f, dvar = d_dt(log_alpha), d_dt(var)
         return f.detach(), (dvar - 2 * f * var).detach()

@@ -128,7 +128,8 @@ def test_subvp_variance_is_below_vp():
 
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_transition_composes(name):
-    """q(x_t|x_0) = q(x_t|x_s) q(x_s|x_0): alpha_t = alpha_{t|s} alpha_s, sigma_t^2 = alpha_{t|s}^2 sigma_s^2 + sigma_{t|s}^2."""
+    """q(x_t|x_0) = q(x_t|x_s) q(x_s|x_0):
+    alpha_t = alpha_{t|s} alpha_s and sigma_t^2 = alpha_{t|s}^2 sigma_s^2 + sigma_{t|s}^2."""
     s = get_schedule(name)
     t, u = torch.tensor([0.4, 0.9], dtype=torch.float64), torch.tensor([0.1, 0.5], dtype=torch.float64)
     a_tu, var_tu = s.transition(t, u)
@@ -138,8 +139,11 @@ def test_transition_composes(name):
 
 @pytest.mark.parametrize(
     "name,kwargs,match",
-    [("ve", {"sigma_min": 0.0}, "sigma_min"), ("ve", {"sigma_min": 2.0, "sigma_max": 1.0}, "sigma_min"),
-     ("subvp", {"beta_min": -1.0}, "beta_min")],
+    [
+        ("ve", {"sigma_min": 0.0}, "sigma_min"),
+        ("ve", {"sigma_min": 2.0, "sigma_max": 1.0}, "sigma_min"),
+        ("subvp", {"beta_min": -1.0}, "beta_min"),
+    ],
 )
 def test_bad_schedule_parameters(name, kwargs, match):
     with pytest.raises(ValueError, match=match):
