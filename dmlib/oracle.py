@@ -62,6 +62,10 @@ class GaussianMixture:
         """Exact ``log p(x_0)`` of the undiffused mixture (shape (B,))."""
         return _diffused_stats(self, x, torch.ones(1), torch.zeros(1))["log_prob"]
 
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact ``grad_x log p(x)`` of the undiffused mixture (shape (B, D))."""
+        return _diffused_stats(self, x, torch.ones(1), torch.zeros(1))["score"]
+
 
 def _diffused_stats(mix: GaussianMixture, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
     """Log-density, score and posterior mean of the mixture diffused to ``(alpha, sigma)`` (per sample)."""

@@ -238,8 +238,7 @@ def solve_pf_ode(
     """
     from scipy.integrate import solve_ivp
 
-    for name, value in (("t_start", t_start), ("t_end", t_end)):
-        as_time(float(value))  # a clear error for times outside [0, 1]
+    as_time(torch.tensor([float(t_start), float(t_end)]))  # a clear error for times outside [0, 1]
     if t_start == t_end:
         raise ValueError("t_start and t_end must differ.")
     shape, dtype = x.shape, x.dtype
