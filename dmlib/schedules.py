@@ -100,17 +100,17 @@ class Schedule:
         generic version differentiates with autograd in float64; the schedules of Song et al. (2021)
         override it with their printed closed forms, and a test checks that both agree.
         """
-        t = as_time(t).to(torch.float64).detach().requires_grad_(True)
-        log_alpha, var = torch.log(self.alpha(t)), self.sigma(t) ** 2
+        # samplers run under torch.no_grad(); without enable_grad every derivative would be 0
+        with torch.enable_grad():
+            t = as_time(t).to(torch.float64).detach().requires_grad_(True)
+            log_alpha, var = torch.log(self.alpha(t)), self.sigma(t) ** 2
 
-        def d_dt(y):  # a constant curve (VE's alpha = 1) carries no graph: its derivative is 0
-            return (
-                torch.autograd.grad(y.sum(), t, retain_graph=True)[0]
-                if y.requires_grad
-                else torch.zeros_like(t)
-            )
+            def d_dt(y):  # a constant curve (VE's alpha = 1) carries no graph: its derivative is 0
+                if not y.requires_grad:
+                    return torch.zeros_like(t)
+                return torch.autograd.grad(y.sum(), t, retain_graph=True)[0]
 
-        f, dvar = d_dt(log_alpha), d_dt(var)
+            f, dvar = d_dt(log_alpha), d_dt(var)
         return f.detach(), (dvar - 2 * f * var).detach()
 
     def __repr__(self) -> str:

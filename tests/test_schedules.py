@@ -103,6 +103,8 @@ def test_closed_form_sde_coefficients_agree_with_alpha_sigma(name):
     torch.testing.assert_close(f, f_ref, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(g2, g2_ref, rtol=1e-7, atol=1e-9)
     assert (g2 >= 0).all()
+    with torch.no_grad():  # how samplers call it: the generic derivative must survive no_grad
+        torch.testing.assert_close(Schedule.drift_diffusion(s, t)[1], g2_ref)
 
 
 def test_printed_coefficients():
