@@ -23,11 +23,14 @@ def scatter(ax, x, *, lim: float = 3.0, title: str | None = None, **kwargs):
 
 def trajectories(ax, path, *, n: int = 64, lim: float = 3.0, cmap: str = "viridis"):
     """Paths of ``n`` particles, ``path`` of shape (steps, B, 2), coloured from noise (dark) to data (light)."""
-    path = torch.as_tensor(path).detach().cpu()[:, :n]
-    colors = plt.get_cmap(cmap)(np.linspace(0, 1, path.shape[0] - 1))
-    for i in range(path.shape[0] - 1):
-        seg = path[i : i + 2]
-        ax.plot(seg[:, :, 0], seg[:, :, 1], color=colors[i], lw=0.6, alpha=0.8)
+    from matplotlib.collections import LineCollection
+
+    path = torch.as_tensor(path).detach().cpu().double()[:, :n].numpy()
+    steps = path.shape[0] - 1
+    # one collection of (steps * n) segments: one plot call per step is slow for 1000-step paths
+    segments = np.stack([path[:-1], path[1:]], axis=2).reshape(-1, 2, 2)  # (steps * n, 2 points, xy)
+    colors = np.repeat(plt.get_cmap(cmap)(np.linspace(0, 1, steps)), path.shape[1], axis=0)
+    ax.add_collection(LineCollection(segments, colors=colors, linewidths=0.6, alpha=0.8))
     ax.scatter(path[0, :, 0], path[0, :, 1], s=6, color="k", label="start (noise)", zorder=3)
     ax.scatter(path[-1, :, 0], path[-1, :, 1], s=6, color="C3", label="end (sample)", zorder=3)
     ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", xticks=[], yticks=[])
