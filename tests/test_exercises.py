@@ -11,7 +11,15 @@ import torch
 
 import dmlib
 from dmlib.course import chapter_paths, exercises, write_notebooks
-from dmlib.exercises import ExerciseFailed, check_forward_sample, check_posterior, check_x0_from_eps
+from dmlib.exercises import (
+    ExerciseFailed,
+    check_dsm_loss,
+    check_forward_sample,
+    check_langevin_step,
+    check_posterior,
+    check_sde_coefficients,
+    check_x0_from_eps,
+)
 
 CASES = [(p.name, i, ex) for p in chapter_paths() for i, ex in enumerate(exercises(p))]
 
@@ -80,6 +88,14 @@ MISTAKES = [
     (check_x0_from_eps, lambda x_t, eps, ab: x_t - (1 - ab).sqrt() * eps, "off by"),
     (check_x0_from_eps, lambda x_t, eps, ab: torch.full_like(x_t, float("nan")), "off by"),
     (check_x0_from_eps, lambda x_t, eps, ab: x_t.numpy(), "torch.Tensor"),
+    # Chapter 2
+    (check_sde_coefficients, lambda a, da, s, ds: (da / a, 2 * s * ds), "g\\^2"),  # forgot -2 f sigma^2
+    (check_sde_coefficients, lambda a, da, s, ds: (da, 2 * s * ds - 2 * da * s**2), "f for"),  # f = alpha'
+    (check_sde_coefficients, lambda a, da, s, ds: da / a, "pair"),
+    (check_dsm_loss, lambda m, x0, a, s, e: ((m(a * x0 + s * e) - e / s) ** 2).sum(1).mean(), "off by"),  # sign
+    (check_dsm_loss, lambda m, x0, a, s, e: ((m(a * x0 + s * e) + e / s) ** 2).mean(), "off by"),  # mean over dims
+    (check_langevin_step, lambda x, sc, h, z: x + h * sc + h**0.5 * z, "off by"),  # full step on the score
+    (check_langevin_step, lambda x, sc, h, z: x + h / 2 * sc + h * z, "off by"),  # no square root on the noise
 ]
 
 
