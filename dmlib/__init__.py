@@ -1,9 +1,29 @@
 """dmlib: the library behind the executable textbook on diffusion models.
 
-Each chapter pairs with a module: Chapter 1 with :mod:`dmlib.ddpm` and :mod:`dmlib.schedules`.
+Each chapter pairs with a module: Chapter 1 with :mod:`dmlib.ddpm` and :mod:`dmlib.schedules`;
+Chapter 2 with :mod:`dmlib.score`, :mod:`dmlib.sde` and :mod:`dmlib.cld`; Chapter 3 with
+:mod:`dmlib.samplers` and :mod:`dmlib.acceleration`; Chapter 4 with :mod:`dmlib.likelihood`.
 """
 
-from . import data, ddpm, exercises, metrics, nets, oracle, parameterization, plot, profiles, schedules, train
+from . import (
+    acceleration,
+    cld,
+    data,
+    ddpm,
+    exercises,
+    likelihood,
+    metrics,
+    nets,
+    oracle,
+    parameterization,
+    plot,
+    profiles,
+    samplers,
+    schedules,
+    score,
+    sde,
+    train,
+)
 from .oracle import GaussianMixture, MixtureOracle
 from .parameterization import Denoiser
 from .profiles import budget, profile
@@ -11,15 +31,18 @@ from .schedules import ddpm_tables, get_schedule
 from .train import TrainConfig
 
 __all__ = [
+    "acceleration",
     "Denoiser",
     "GaussianMixture",
     "MixtureOracle",
     "TrainConfig",
     "budget",
+    "cld",
     "data",
     "ddpm",
     "ddpm_tables",
     "exercises",
+    "likelihood",
     "get_schedule",
     "metrics",
     "nets",
@@ -28,6 +51,9 @@ __all__ = [
     "plot",
     "profile",
     "profiles",
+    "samplers",
     "schedules",
+    "score",
+    "sde",
     "train",
 ]

@@ -80,7 +80,7 @@ def _diffused_stats(mix: GaussianMixture, x: torch.Tensor, alpha: torch.Tensor, 
     C = a**2 * S + s2 * torch.eye(mix.dim, dtype=dt)  # (B or 1, K, D, D)
     C_inv = torch.linalg.inv(C)
     diff = x[:, None, :] - a[..., 0] * mu  # (B, K, D)
-    # C^{-1} (x - alpha mu) by einsum: 10x faster than a broadcast product and sum over a dim of size D,
+    # C^{-1} (x - alpha mu) by einsum: faster than a broadcast product and sum over a dim of size D,
     # and far faster than B*K tiny matmuls
     sol = torch.einsum("...kij,...kj->...ki", C_inv, diff)
     logdet = torch.linalg.slogdet(C).logabsdet

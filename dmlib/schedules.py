@@ -214,6 +214,20 @@ class Linear(VariancePreserving):
     def log_alpha_bar(self, t):
         return -(self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
 
+    def t_from_log_snr(self, log_snr, iterations: int = 60) -> torch.Tensor:
+        """Closed-form inverse: ``abar = sigmoid(lambda)``, so ``B(t) = softplus(-lambda)``, a quadratic in t
+        (``B(t) = beta_min t + (beta_max - beta_min) t^2 / 2``). Values outside ``[lambda(1), lambda(0)]``
+        clamp to 1 and 0, as for the bisection of the base class."""
+        lam = torch.as_tensor(log_snr, dtype=torch.float64)
+        B = torch.nn.functional.softplus(-lam)
+        d = self.beta_max - self.beta_min
+        if d == 0:
+            t = B / self.beta_min
+        else:
+            t = (-self.beta_min + torch.sqrt(self.beta_min**2 + 2 * d * B)) / d
+        out = t.clamp(0.0, 1.0)
+        return out.to(log_snr.dtype) if torch.is_tensor(log_snr) else out
+
     def beta(self, t) -> torch.Tensor:
         """``beta(t) = beta_min + t (beta_max - beta_min)``."""
         return self.beta_min + as_time(t) * (self.beta_max - self.beta_min)

@@ -37,6 +37,12 @@ def test_tables_reproduce_the_continuous_schedule(name):
     assert (tables.posterior_variance[2:] < tables.betas[2:]).all()
 
 
+def test_linear_closed_form_inverse_equals_bisection():
+    s = Linear()
+    lam = torch.linspace(-25, 25, 101, dtype=torch.float64)  # beyond both ends: clamps to 0 and 1
+    torch.testing.assert_close(s.t_from_log_snr(lam), Schedule.t_from_log_snr(s, lam), atol=1e-12, rtol=0)
+
+
 def test_linear_matches_ho_et_al_table():
     ho = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     derived = ddpm_tables(Linear(), 1000).betas[1:]
