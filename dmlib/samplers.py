@@ -1,7 +1,7 @@
 """Fast samplers (Chapter 3): DDIM, EDM's Euler and Heun, DPM-Solver, DPM-Solver++, DEIS, PLMS,
 the adaptive SDE solver of "Gotta go fast", and CCDF's shortcut start.
 
-Every sampler has the signature of :func:`dmlib.ddpm.sample_ancestral`,
+Every sampler has the signature of :func:`dmlib.ddpm.sample_ancestral`::
 
     sample_X(denoiser, x_T, timesteps, *, generator=None, progress=False, callback=None, **options)
 

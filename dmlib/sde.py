@@ -95,11 +95,16 @@ def sample_euler_maruyama(
     ``x <- x - [f x - g^2 score] dt + g sqrt(dt) z``. One network evaluation per step."""
 
     def step(x, t, s):
-        _, g2 = denoiser.schedule.drift_diffusion(t)
-        dt = t - s
-        return x - reverse_drift(denoiser, x, t) * dt + _col(g2 * dt, x).sqrt() * _noise_like(x, generator)
+        return _euler_maruyama_step(denoiser, x, t, s, generator)
 
     return _run(step, denoiser, x_T, timesteps, "reverse SDE (Euler-Maruyama)", progress, callback)
+
+
+def _euler_maruyama_step(denoiser, x, t, s, generator):
+    """One reverse Euler–Maruyama step from ``t`` back to ``s``: ``x - [f x - g^2 score] dt + g sqrt(dt) z``."""
+    _, g2 = denoiser.schedule.drift_diffusion(t)
+    dt = t - s
+    return x - reverse_drift(denoiser, x, t) * dt + _col(g2 * dt, x).sqrt() * _noise_like(x, generator)
 
 
 def _reverse_diffusion_step(denoiser, x, t, s, generator):
@@ -180,9 +185,7 @@ def sample_pc(
         if predictor == "reverse_diffusion":
             x = _reverse_diffusion_step(denoiser, x, t, s, generator)
         else:
-            _, g2 = sched.drift_diffusion(t)
-            dt = t - s
-            x = x - reverse_drift(denoiser, x, t) * dt + _col(g2 * dt, x).sqrt() * _noise_like(x, generator)
+            x = _euler_maruyama_step(denoiser, x, t, s, generator)
         # the corrector's step scale: 1 for VE, alpha_{t|s}^2 = 1 - beta_i for VP (Song et al.'s code)
         a_ts, _ = sched.transition(t, s)
         return langevin_correct(
