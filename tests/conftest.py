@@ -4,6 +4,17 @@ import torch
 from dmlib import data
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    the oracle's tensors are tiny, and on a shared 2-core machine two threads per pytest worker ran
+    such code 5-10x slower than one. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)

@@ -16,15 +16,7 @@ from dmlib.oracle import GaussianMixture, MixtureOracle
 from dmlib.schedules import get_schedule
 from dmlib.sde import pf_ode_drift
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tensors are small, and on 2 cores (shared with the other pytest
-    worker) two threads per process made the training test 5x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 def _gen(seed):

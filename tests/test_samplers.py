@@ -18,13 +18,7 @@ from dmlib.schedules import get_schedule
 T_END = 0.02  # order tests stop here: the stiff end near t = 0 would dominate the error otherwise
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The oracle's tensors are tiny: on a shared 2-core machine two threads run ~10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
