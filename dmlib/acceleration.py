@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -257,7 +257,7 @@ def distill(
     *,
     n_teacher_steps: int,
     rounds: int,
-    steps_per_round: int,
+    steps_per_round: int | Sequence[int],
     prediction: str = "v",
     grid: str = "uniform",
     config: TrainConfig | None = None,
@@ -266,12 +266,19 @@ def distill(
     EMA weights) is the next teacher and the next student's initialisation, as in Algorithm 2 (there
     the first student copies the teacher; here ``student_model`` may be a copy or a fresh network, so an
     oracle can teach). ``prediction="v"`` follows the paper: eps-prediction fails at low SNR.
+    ``steps_per_round`` is one number or one per round: a fresh student needs most steps in its first
+    round, and each later student starts from a network that already does nearly the right thing.
     """
     if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 1:
         raise ValueError(f"rounds must be a positive integer; got {rounds!r}.")
+    per_round = [steps_per_round] * int(rounds) if isinstance(steps_per_round, int) else list(steps_per_round)
+    if len(per_round) != rounds or any(isinstance(k, bool) or int(k) != k or k < 0 for k in per_round):
+        raise ValueError(
+            f"steps_per_round must be a non-negative integer or {rounds} of them; got {steps_per_round!r}."
+        )
     if n_teacher_steps % 2**rounds:
         raise ValueError(f"n_teacher_steps={n_teacher_steps} cannot be halved {rounds} times.")
-    base = config or TrainConfig(steps=steps_per_round, progress=False)
+    base = config or TrainConfig(steps=int(per_round[0]), progress=False)
     out, model, n = [], copy.deepcopy(student_model), n_teacher_steps
     for r in range(int(rounds)):
         n //= 2
@@ -281,7 +288,7 @@ def distill(
                 Denoiser(net, teacher.schedule, prediction), teacher, batch, n, grid=grid, generator=generator
             )
 
-        res = train(model, data, loss_fn, replace(base, steps=steps_per_round, seed=base.seed + r))
+        res = train(model, data, loss_fn, replace(base, steps=int(per_round[r]), seed=base.seed + r))
         out.append(DistillRound(n, res.ema, res.losses, res.seconds))
         teacher = Denoiser(res.ema, teacher.schedule, prediction)
         model = copy.deepcopy(res.ema).requires_grad_(True)

@@ -249,6 +249,10 @@ def test_bad_inputs_raise_clear_errors(eight, costs):
         acc.path_bound(c, torch.tensor([1.0, 0.555, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="rounds"):
         acc.distill(den, MLP(2, 8, 1), x0, n_teacher_steps=8, rounds=0, steps_per_round=1)
+    with pytest.raises(ValueError, match="steps_per_round"):
+        acc.distill(den, MLP(2, 8, 1), x0, n_teacher_steps=8, rounds=2, steps_per_round=[1, 1, 1])
+    with pytest.raises(ValueError, match="steps_per_round"):
+        acc.distill(den, MLP(2, 8, 1), x0, n_teacher_steps=8, rounds=2, steps_per_round=[1, -1])
     with pytest.raises(ValueError, match="halved"):
         acc.distill(den, MLP(2, 8, 1), x0, n_teacher_steps=6, rounds=2, steps_per_round=1)
     prior = acc.fit_gaussian_prior(sched, x0, 0.5)
