@@ -11,3 +11,21 @@
     },
   });
 })();
+
+// The manager typesets widget labels with MathJax 2's MathJax.Hub.Queue when no other typesetter is
+// set; the book loads MathJax 3, which has no Hub. Give it one that calls MathJax 3 once MathJax is
+// ready. Registered before the manager's own load handler (this script comes first), so it is in
+// place when the widgets render; MathJax's async script has run by the load event.
+window.addEventListener("load", function () {
+  var mj = window.MathJax;
+  if (mj && mj.startup && !mj.Hub) {
+    mj.Hub = {
+      Queue: function (job) {
+        var element = job[2]; // ["Typeset", MathJax.Hub, element]
+        return mj.startup.promise.then(function () {
+          return mj.typesetPromise([element]);
+        });
+      },
+    };
+  }
+});

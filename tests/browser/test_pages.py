@@ -3,7 +3,8 @@
 Run by `make browser` (after `make book`) inside a network namespace with loopback only, so a page
 that still needs a CDN fails. Per page: every math element is typeset by MathJax and no raw TeX is
 left in the text, every <img> has a non-empty file and decodes, the console shows no errors and no
-uncaught exceptions, nothing is requested from outside 127.0.0.1. A full-page screenshot goes to
+uncaught exceptions, nothing is requested from outside 127.0.0.1, and widgets saved with the page
+are rendered by the vendored widget manager (and only saved where shown). A full-page screenshot goes to
 _build/screenshots/<page>.png, also for pages that fail.
 
 The browser is driven over the Chrome DevTools Protocol on a pipe (--remote-debugging-pipe):
@@ -166,6 +167,13 @@ class Chrome:
 INSPECT = """(async () => {
   if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
   await document.fonts.ready;
+  // Widgets saved with the page: the manager renders them after load; give it up to 15 s.
+  const widgetStates = document.querySelectorAll('script[type="application/vnd.jupyter.widget-state+json"]');
+  const widgetViews = document.querySelectorAll('script[type="application/vnd.jupyter.widget-view+json"]');
+  for (let i = 0; i < 150 && widgetViews.length &&
+       document.querySelectorAll(".jupyter-widgets").length === 0; i++)
+    await new Promise(r => setTimeout(r, 100));
+  await new Promise(r => setTimeout(r, widgetViews.length ? 500 : 0));  // the views' images decode
   const main = document.querySelector("main") || document.body;
   const prose = main.cloneNode(true);
   prose.querySelectorAll("pre, code, script, style, mjx-container").forEach(e => e.remove());
@@ -187,6 +195,9 @@ INSPECT = """(async () => {
     prose: prose.textContent,
     images: [...document.images].map(i => ({src: i.getAttribute("src") || "", complete: i.complete,
                                                width: i.naturalWidth})),
+    widgetStates: widgetStates.length,
+    widgetViews: widgetViews.length,
+    widgetsRendered: document.querySelectorAll(".jupyter-widgets").length,
     height: document.documentElement.scrollHeight,
   };
 })()"""
@@ -316,12 +327,69 @@ def test_page_works_offline(site, page):
         src = img["src"]
         if not src:
             continue  # filled in by JavaScript later, e.g. an animation's frame
-        if not src.startswith("data:"):
+        if not src.startswith(("data:", "blob:")):  # blob: an image widget's bytes
             file = HTML / unquote(urlsplit(urljoin(url, src)).path.lstrip("/"))
             if not file.is_file() or file.stat().st_size == 0:
                 problems.append(f"image file missing or empty: {src}")
         if not (img["complete"] and img["width"] > 0):
             problems.append(f"image did not load or decode: {src[:100]}")
+    if report["widgetViews"] and not (report["widgetStates"] and report["widgetsRendered"]):
+        problems.append(
+            f"{report['widgetViews']} widget views, {report['widgetStates']} saved widget states, "
+            f"{report['widgetsRendered']} widgets rendered: the widget manager did not render them"
+        )
+    if report["widgetStates"] and not report["widgetViews"]:
+        problems.append("widget state is saved but no widget is shown: the page loads the manager for nothing")
     problems += [f"JavaScript: {e}" for e in js_errors(report["events"])]
     problems += [f"request outside 127.0.0.1: {u}" for u in external_requests(report["events"])]
     assert not problems, f"{page} ({url}):\n  " + "\n  ".join(problems)
+
+
+# After load: wait for the first slider widget, press the right arrow key on its handle, and report
+# the slider's readout and the widget images before and after. Pages link sliders to their frames in
+# the browser (jslink), so this must work from the saved widget state alone, with no kernel.
+SLIDE = """(async () => {
+  const sleep = ms => new Promise(r => setTimeout(r, ms));
+  let handle = null;
+  for (let i = 0; i < 150 && !(handle = document.querySelector(".widget-slider .noUi-handle")); i++)
+    await sleep(100);
+  if (!handle) return null;
+  const box = handle.closest(".widget-box") || document;
+  const state = () => ({
+    readout: (handle.closest(".widget-slider").querySelector(".widget-readout") || {}).textContent,
+    images: [...box.querySelectorAll("img.widget-image")].map(i => i.getAttribute("src")),
+  });
+  const before = state();
+  handle.focus();
+  handle.dispatchEvent(new KeyboardEvent("keydown", {key: "ArrowRight", bubbles: true}));
+  await sleep(1000);
+  return {before, after: state()};
+})()"""
+
+
+def test_widget_slider_works_offline(site):
+    """Chapter 1's time slider: moving it shows another of its pre-drawn frames, offline."""
+    base, chrome = site
+    url = urljoin(base, "chapters/01_ddpm.html")
+    target = chrome.send("Target.createTarget", url="about:blank")["targetId"]
+    session = chrome.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+    try:
+        chrome.send("Page.enable", session)
+        chrome.send("Page.navigate", session, url=url)
+        chrome.wait_for("Page.loadEventFired", session, PAGE_TIMEOUT)
+        result = chrome.send(
+            "Runtime.evaluate",
+            session,
+            timeout=PAGE_TIMEOUT,
+            expression=SLIDE,
+            awaitPromise=True,
+            returnByValue=True,
+        )["result"].get("value")
+    finally:
+        chrome.send("Target.closeTarget", targetId=target)
+    chrome.events = [e for e in chrome.events if e.get("sessionId") != session]
+    assert result, "no slider widget rendered on Chapter 1's page"
+    before, after = result["before"], result["after"]
+    assert before["images"] and after["images"], f"no frame shown next to the slider: {result}"
+    assert after["readout"] != before["readout"], f"the slider did not move: {result}"
+    assert after["images"] != before["images"], f"the slider moved but the frame did not change: {result}"
