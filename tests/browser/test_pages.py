@@ -203,8 +203,10 @@ INSPECT = """(async () => {
 })()"""
 
 
-def visit(chrome, url, screenshot):
-    """Load url in a fresh tab; return what INSPECT reports and the page's protocol events."""
+def visit(chrome, url, screenshot=None, expression=INSPECT):
+    """Load url in a fresh tab and run ``expression`` (a JavaScript promise) in it; return its value
+    and the page's protocol events. A full-page screenshot goes to ``screenshot`` if given (the value
+    must then have the page's ``height``)."""
     target = chrome.send("Target.createTarget", url="about:blank")["targetId"]
     session = chrome.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
     try:
@@ -224,13 +226,15 @@ def visit(chrome, url, screenshot):
             "Runtime.evaluate",
             session,
             timeout=PAGE_TIMEOUT,
-            expression=INSPECT,
+            expression=expression,
             awaitPromise=True,
             returnByValue=True,
         )
         if "exceptionDetails" in report:
             raise RuntimeError(f"inspecting {url} failed: {report['exceptionDetails']}")
-        report = report["result"]["value"]
+        report = report["result"].get("value")
+        if screenshot is None:
+            return report, [e for e in chrome.events if e.get("sessionId") == session]
         shot = chrome.send(
             "Page.captureScreenshot",
             session,
@@ -240,11 +244,10 @@ def visit(chrome, url, screenshot):
         )
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         screenshot.write_bytes(base64.b64decode(shot["data"]))
+        return report, [e for e in chrome.events if e.get("sessionId") == session]
     finally:
         chrome.send("Target.closeTarget", targetId=target)
-    report["events"] = [e for e in chrome.events if e.get("sessionId") == session]
-    chrome.events = [e for e in chrome.events if e.get("sessionId") != session]
-    return report
+        chrome.events = [e for e in chrome.events if e.get("sessionId") != session]
 
 
 def js_errors(events):
@@ -307,7 +310,7 @@ def test_page_works_offline(site, page):
     path = HTML / f"{page}.html"
     assert path.exists(), f"{page} is in _toc.yml but {path} was not built"
     url = urljoin(base, f"{page}.html")
-    report = visit(chrome, url, SHOTS / f"{page}.png")
+    report, events = visit(chrome, url, SHOTS / f"{page}.png")
     source = path.read_text(encoding="utf-8")
 
     problems = []
@@ -340,8 +343,8 @@ def test_page_works_offline(site, page):
         )
     if report["widgetStates"] and not report["widgetViews"]:
         problems.append("widget state is saved but no widget is shown: the page loads the manager for nothing")
-    problems += [f"JavaScript: {e}" for e in js_errors(report["events"])]
-    problems += [f"request outside 127.0.0.1: {u}" for u in external_requests(report["events"])]
+    problems += [f"JavaScript: {e}" for e in js_errors(events)]
+    problems += [f"request outside 127.0.0.1: {u}" for u in external_requests(events)]
     assert not problems, f"{page} ({url}):\n  " + "\n  ".join(problems)
 
 
@@ -370,24 +373,8 @@ SLIDE = """(async () => {
 def test_widget_slider_works_offline(site):
     """Chapter 1's time slider: moving it shows another of its pre-drawn frames, offline."""
     base, chrome = site
-    url = urljoin(base, "chapters/01_ddpm.html")
-    target = chrome.send("Target.createTarget", url="about:blank")["targetId"]
-    session = chrome.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-    try:
-        chrome.send("Page.enable", session)
-        chrome.send("Page.navigate", session, url=url)
-        chrome.wait_for("Page.loadEventFired", session, PAGE_TIMEOUT)
-        result = chrome.send(
-            "Runtime.evaluate",
-            session,
-            timeout=PAGE_TIMEOUT,
-            expression=SLIDE,
-            awaitPromise=True,
-            returnByValue=True,
-        )["result"].get("value")
-    finally:
-        chrome.send("Target.closeTarget", targetId=target)
-    chrome.events = [e for e in chrome.events if e.get("sessionId") != session]
+    result, events = visit(chrome, urljoin(base, "chapters/01_ddpm.html"), expression=SLIDE)
+    assert not js_errors(events), js_errors(events)
     assert result, "no slider widget rendered on Chapter 1's page"
     before, after = result["before"], result["after"]
     assert before["images"] and after["images"], f"no frame shown next to the slider: {result}"
