@@ -20,6 +20,7 @@ import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from numbers import Real
 from typing import NamedTuple
 
 import torch
@@ -271,7 +272,7 @@ def distill(
     """
     if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 1:
         raise ValueError(f"rounds must be a positive integer; got {rounds!r}.")
-    per_round = [steps_per_round] * int(rounds) if isinstance(steps_per_round, int) else list(steps_per_round)
+    per_round = [steps_per_round] * int(rounds) if isinstance(steps_per_round, Real) else list(steps_per_round)
     if len(per_round) != rounds or any(isinstance(k, bool) or int(k) != k or k < 0 for k in per_round):
         raise ValueError(
             f"steps_per_round must be a non-negative integer or {rounds} of them; got {steps_per_round!r}."

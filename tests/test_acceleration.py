@@ -152,6 +152,14 @@ def test_distillation_target_makes_one_step_equal_two(eight):
         assert (one - two).abs().max() < 1e-6
 
 
+def test_distill_runs_each_round_for_its_own_number_of_steps(eight):
+    mix, _, den = eight
+    rounds = acc.distill(den, MLP(2, 8, 1), mix.sample(64, _seed(0)), n_teacher_steps=8, rounds=3,
+                         steps_per_round=[3, 0, 2], config=TrainConfig(steps=1, batch_size=16, progress=False))
+    assert [r.n_steps for r in rounds] == [4, 2, 1]
+    assert [len(r.losses) for r in rounds] == [3, 0, 2]
+
+
 @pytest.mark.slow
 def test_one_round_of_distillation_beats_ddim(eight):
     """Oracle teacher, 8 -> 4 steps, a fresh MLP student. Measured (1000 steps per round, 3 rounds from
@@ -253,6 +261,8 @@ def test_bad_inputs_raise_clear_errors(eight, costs):
         acc.distill(den, MLP(2, 8, 1), x0, n_teacher_steps=8, rounds=2, steps_per_round=[1, 1, 1])
     with pytest.raises(ValueError, match="steps_per_round"):
         acc.distill(den, MLP(2, 8, 1), x0, n_teacher_steps=8, rounds=2, steps_per_round=[1, -1])
+    with pytest.raises(ValueError, match="steps_per_round"):
+        acc.distill(den, MLP(2, 8, 1), x0, n_teacher_steps=8, rounds=2, steps_per_round=2.5)
     with pytest.raises(ValueError, match="halved"):
         acc.distill(den, MLP(2, 8, 1), x0, n_teacher_steps=6, rounds=2, steps_per_round=1)
     prior = acc.fit_gaussian_prior(sched, x0, 0.5)
