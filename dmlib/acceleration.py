@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .ddpm import _posterior_coefficients, check_timesteps, gaussian_kl, gaussian_nll, q_sample
-from .parameterization import Denoiser, _col
+from .parameterization import Denoiser, _col, noise_like
 from .samplers import sample_ddim, time_grid
 from .schedules import Schedule, as_time
 from .train import TrainConfig, train
@@ -83,7 +83,7 @@ def vlb_step_costs(
     jump = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
     for i in range(1, n + 1):
         t = g[i]
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = noise_like(x0, generator)
         x_t = q_sample(sched, x0, t.to(x0.dtype), noise)
         x0_hat = denoiser.x0(x_t, t.to(x0.dtype))
         coef_x0, coef_xt, var_q = _posterior_coefficients(sched, t, g[:i])  # one entry per s < t
@@ -236,7 +236,7 @@ def progressive_distillation_loss(
     ts, mids = _nested_grids(teacher.schedule, n_student_steps, grid)
     i = torch.randint(0, n_student_steps, (x0.shape[0],), generator=generator, device=x0.device)
     t, t_mid, s = (v.to(x0.device)[i].to(x0.dtype) for v in (ts[:-1], mids, ts[1:]))
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    noise = noise_like(x0, generator)
     x_t = q_sample(teacher.schedule, x0, t, noise)
     with torch.no_grad():
         target = distillation_target(teacher, x_t, t, t_mid, s)
@@ -347,7 +347,7 @@ def consistency_distillation_loss(
         raise ValueError(f"timesteps must end at the consistency function's t_min = {model.t_min}.")
     i = torch.randint(0, ts.numel() - 1, (x0.shape[0],), generator=generator, device=x0.device)
     t, s = ts[i].to(x0.dtype), ts[i + 1].to(x0.dtype)
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    noise = noise_like(x0, generator)
     x_t = q_sample(teacher.schedule, x0, t, noise)
     with torch.no_grad():
         goal = target(_ddim_step(teacher, x_t, t, s), s)
@@ -371,7 +371,7 @@ def sample_consistency(
     for i in tqdm(range(ts.numel() - 1), disable=not progress, desc="consistency sampling"):
         if i > 0:
             a_ts, var_ts = model.schedule.transition(ts[i], torch.tensor(model.t_min, dtype=torch.float64))
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            z = noise_like(x, generator)
             x = a_ts.item() * x + math.sqrt(max(var_ts.item(), 0.0)) * z
         x = model(x, ts[i].to(x.dtype))
         if callback is not None:

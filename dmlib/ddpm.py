@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from .parameterization import Denoiser, _col, from_x0_eps
+from .parameterization import Denoiser, _col, from_x0_eps, noise_like
 from .schedules import DDPMTables, Schedule, as_time
 
 
@@ -37,7 +37,7 @@ def q_sample_chain(
     states = [x0]
     for t in range(1, steps + 1):
         beta = tables.betas[t].to(x0.dtype)
-        z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        z = noise_like(x0, generator)
         states.append(torch.sqrt(1 - beta) * states[-1] + torch.sqrt(beta) * z)
     return torch.stack(states)
 
@@ -139,7 +139,7 @@ def vlb_terms(denoiser: Denoiser, x0: torch.Tensor, T: int, *, variance: str = "
     terms = []
     for i in range(1, T + 1):  # step from t = i/T to s = (i-1)/T
         t, s = grid[i], grid[i - 1]
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = noise_like(x0, generator)
         x_t = q_sample(sched, x0, t.to(x0.dtype), noise)
         x0_hat = denoiser.x0(x_t, t.to(x0.dtype))
         mean_p, _ = posterior(sched, x_t, x0_hat, t, s)
@@ -215,7 +215,7 @@ def sample_ancestral(
         mean = posterior_mean_from_eps(denoiser.schedule, x, eps_hat, t, s)
         if s > 0:
             var = reverse_variance(denoiser.schedule, t, s, variance).to(x.dtype)
-            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            noise = noise_like(x, generator)
             x = mean + var.sqrt() * noise
         else:
             x = mean

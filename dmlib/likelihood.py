@@ -34,7 +34,7 @@ from .ddpm import (
     reverse_variance,
 )
 from .nets.mlp import MLP
-from .parameterization import Denoiser, _col
+from .parameterization import Denoiser, _col, noise_like
 from .schedules import Schedule, VarianceExploding, VariancePreserving, as_time
 from .sde import pf_ode_drift
 
@@ -269,7 +269,7 @@ def discrete_vlb(
     terms = []
     for i in range(1, T + 1):  # step from t = i/T to s = (i-1)/T, noise drawn as in ddpm.vlb_terms
         t, s = grid[i], grid[i - 1]
-        noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        noise = noise_like(x0, generator)
         x_t = q_sample(sched, x0, t.to(x0.dtype), noise)
         mean_p, _ = posterior(sched, x_t, denoiser.x0(x_t, t.to(x0.dtype)), t, s)
         if learned:
@@ -327,7 +327,7 @@ def analytic_dpm_variances(
     out = torch.zeros(T + 1, dtype=torch.float64)
     for i in range(1, T + 1):
         t, s = grid[i], grid[i - 1]
-        noise = torch.randn(data.shape, generator=generator, dtype=data.dtype, device=data.device)
+        noise = noise_like(data, generator)
         eps_hat = denoiser.eps(q_sample(sched, data, t.to(data.dtype), noise), t.to(data.dtype))
         inv_snr = (sched.sigma(t) / sched.alpha(t)) ** 2
         if estimator == "score":
@@ -400,7 +400,7 @@ def hybrid_loss(
     def col(name):
         return _col(tab[name][i], x0)
 
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    noise = noise_like(x0, generator)
     x_t = col("alpha") * x0 + col("sigma") * noise
     eps_hat, v = model.eps_v(x_t, i.to(x0.dtype) / T)
     simple = ((noise - eps_hat) ** 2).mean()

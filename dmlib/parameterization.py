@@ -17,6 +17,11 @@ from .schedules import Schedule, as_time
 PREDICTIONS = ("eps", "x0", "v", "score")
 
 
+def noise_like(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard normal noise of x's shape, dtype and device, drawn from ``generator`` (reproducible)."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
 def _col(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Broadcast a per-sample coefficient of shape () or (B,) against x of shape (B, ...)."""
     c = c.to(dtype=x.dtype, device=x.device)

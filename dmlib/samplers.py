@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from .ddpm import check_timesteps, q_sample
-from .parameterization import Denoiser, _col
+from .parameterization import Denoiser, _col, noise_like
 from .schedules import Schedule, as_time
 
 GRIDS = ("uniform", "quadratic", "logsnr", "edm")
@@ -173,7 +173,7 @@ def sample_ddim(
         c2 = eta**2 * sig_s**2 * -math.expm1(2 * (grid.lam[i] - grid.lam[i + 1]))
         x = a_s * x0 + math.sqrt(max(sig_s**2 - c2, 0.0)) * eps
         if c2 > 0 and grid.t[i + 1] > 0:
-            x = x + math.sqrt(c2) * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = x + math.sqrt(c2) * noise_like(x, generator)
         return x
 
     return _loop(step, denoiser, x_T, grid, f"DDIM (eta={eta})", progress, callback)
@@ -236,7 +236,7 @@ def sample_heun(
     def step(i, x):
         y, t, a, r, r_s = x / grid.alpha[i], grid.t[i], grid.alpha[i], grid.rho[i], grid.rho[i + 1]
         if r_hat[i] > r:
-            z = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
+            z = noise_like(y, generator)
             y = y + math.sqrt(r_hat[i] ** 2 - r**2) * s_noise * z
             t, a, r = t_hat[i], a_hat[i], r_hat[i]
         d = (y - denoise(y, t, a)) / r
@@ -471,7 +471,7 @@ def sample_adaptive_sde(
                 f"loosen eps_rel / eps_abs or raise max_iterations."
             )
         xa, ta, ha = x[active], t[active], h[active]
-        z = torch.randn(xa.shape, generator=generator, dtype=xa.dtype, device=xa.device)
+        z = noise_like(xa, generator)
 
         k1 = _reverse_sde_increment(denoiser, xa, ta, ha, z)
         x1 = xa + k1
@@ -506,7 +506,7 @@ def ccdf_start(schedule: Schedule, x0_guess: torch.Tensor, t0, generator=None) -
     t0 = float(as_time(float(t0)))
     if t0 <= 0:
         raise ValueError(f"t0 must lie in (0, 1]; got {t0}.")
-    noise = torch.randn(x0_guess.shape, generator=generator, dtype=x0_guess.dtype, device=x0_guess.device)
+    noise = noise_like(x0_guess, generator)
     return q_sample(schedule, x0_guess, t0, noise)
 
 

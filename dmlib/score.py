@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from .ddpm import check_timesteps
-from .parameterization import PREDICTIONS, Denoiser, _col, to_x0_eps
+from .parameterization import PREDICTIONS, Denoiser, _col, noise_like, to_x0_eps
 from .schedules import Schedule, as_time
 
 WEIGHTINGS = ("sigma2", "likelihood", "none")
@@ -76,7 +76,7 @@ def sliced_score_matching(
     s = score_fn(x)
     quad = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     for _ in range(n_projections):
-        v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        v = noise_like(x, generator)
         grad_vs = torch.autograd.grad(_per_sample(v * s).sum(), x, create_graph=True)[0]
         quad = quad + _per_sample(grad_vs * v) / n_projections
     return quad + 0.5 * _per_sample(s**2)
@@ -134,7 +134,7 @@ def score_matching_loss(
         t = schedule.t_from_log_snr(lam_lo + u.double() * (lam_hi - lam_lo)).to(x0.dtype)
     else:
         t = t_min + (1 - t_min) * u
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    noise = noise_like(x0, generator)
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
     x_t = _col(alpha, x0) * x0 + _col(sigma, x0) * noise
     _, eps_hat = to_x0_eps(model(x_t, t), prediction, x_t, alpha, sigma)
@@ -163,7 +163,7 @@ def langevin(
     if step_size <= 0 or n_steps < 1:
         raise ValueError(f"need step_size > 0 and n_steps >= 1; got {step_size}, {n_steps}.")
     for i in tqdm(range(n_steps), disable=not progress, desc="Langevin"):
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        z = noise_like(x, generator)
         x = x + step_size / 2 * score_fn(x) + step_size**0.5 * z
         if callback is not None:
             callback(i + 1, None, x)

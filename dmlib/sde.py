@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from .ddpm import check_timesteps
-from .parameterization import Denoiser, _col
+from .parameterization import Denoiser, _col, noise_like
 from .schedules import Schedule, as_time
 
 
@@ -58,13 +58,9 @@ def simulate_forward(
     for t, u in zip(ts[:-1], ts[1:]):
         f, g2 = schedule.drift_diffusion(t)
         dt = (u - t).item()
-        z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+        z = noise_like(x0, generator)
         states.append(states[-1] + f.item() * states[-1] * dt + (g2.item() * dt) ** 0.5 * z)
     return torch.stack(states)
-
-
-def _noise_like(x, generator):
-    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
 def _run(step: Callable, denoiser, x_T, timesteps, desc, progress, callback):
@@ -104,7 +100,7 @@ def _euler_maruyama_step(denoiser, x, t, s, generator):
     """One reverse Euler–Maruyama step from ``t`` back to ``s``: ``x - [f x - g^2 score] dt + g sqrt(dt) z``."""
     _, g2 = denoiser.schedule.drift_diffusion(t)
     dt = t - s
-    return x - reverse_drift(denoiser, x, t) * dt + _col(g2 * dt, x).sqrt() * _noise_like(x, generator)
+    return x - reverse_drift(denoiser, x, t) * dt + _col(g2 * dt, x).sqrt() * noise_like(x, generator)
 
 
 def _reverse_diffusion_step(denoiser, x, t, s, generator):
@@ -113,7 +109,7 @@ def _reverse_diffusion_step(denoiser, x, t, s, generator):
     then run it backwards: ``x_s = x_t - f_i(x_t) + G_i^2 score(x_t, t) + G_i z``."""
     a_ts, var_ts = denoiser.schedule.transition(t, s)
     a_ts, var_ts = _col(a_ts, x), _col(var_ts, x)
-    return (2 - a_ts) * x + var_ts * denoiser.score(x, t) + var_ts.sqrt() * _noise_like(x, generator)
+    return (2 - a_ts) * x + var_ts * denoiser.score(x, t) + var_ts.sqrt() * noise_like(x, generator)
 
 
 @torch.no_grad()
@@ -154,7 +150,7 @@ def langevin_correct(
         raise ValueError(f"need snr > 0 and n_steps >= 1; got snr={snr}, n_steps={n_steps}.")
     for _ in range(n_steps):
         score = denoiser.score(x, t)
-        z = _noise_like(x, generator)
+        z = noise_like(x, generator)
         ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp(min=1e-12)
         step = 2 * torch.as_tensor(alpha_ratio, dtype=x.dtype) * (snr * ratio) ** 2
         x = x + step * score + (2 * step).sqrt() * z
