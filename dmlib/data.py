@@ -1,25 +1,38 @@
-"""Datasets: 2D toy distributions (some with exact densities), 8x8 digits, IDX files and downloads.
+"""Datasets: 2D toy distributions (some with exact densities), 8x8 digits, and the image datasets.
 
-Toy sets are scaled to roughly unit standard deviation so one schedule suits all of them.
+Toy sets are scaled to roughly unit standard deviation so one schedule suits all of them. Files on
+disk (checksums, downloads, IDX and CIFAR readers, MNIST / Fashion-MNIST / CIFAR-10, image batches)
+live in :mod:`dmlib.image_data`; their public names are re-exported here, so ``dmlib.data`` is the
+one place a chapter imports data from.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import math
-import os
-import struct
-import tempfile
-import urllib.request
-from pathlib import Path
 
-import numpy as np
 import torch
 
+from .image_data import (  # noqa: F401  (re-exported)
+    DATA_DIR,
+    IMAGE_DATASETS,
+    ImageDatasetSpec,
+    RemoteFile,
+    data_root,
+    download,
+    extract_tar,
+    image_loader,
+    load_cifar10,
+    load_fashion_mnist,
+    load_image_dataset,
+    load_mnist,
+    normalize_images,
+    pad_images,
+    random_hflip,
+    read_idx,
+    sha256,
+    verify_file,
+)
 from .oracle import GaussianMixture
-
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
 
 def eight_gaussians(radius: float = 2.0, std: float = 0.1) -> GaussianMixture:
@@ -99,78 +112,3 @@ def load_digits() -> torch.Tensor:
 
     x = torch.tensor(_load().images, dtype=torch.float32)
     return (x / 8 - 1)[:, None]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download(url: str, dest: Path, sha256_hex: str) -> Path:
-    """Download ``url`` to ``dest`` once, verify its SHA-256, and write it atomically.
-
-    A file already at ``dest`` with the right checksum is reused; a wrong one is an error, never
-    silently used.
-    """
-    dest = Path(dest)
-    if dest.exists():
-        if sha256(dest) == sha256_hex:
-            return dest
-        raise ValueError(f"{dest} exists but its SHA-256 is not {sha256_hex}: delete it and download again.")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
-            for chunk in iter(lambda: resp.read(1 << 20), b""):
-                out.write(chunk)
-        got = sha256(Path(tmp))
-        if got != sha256_hex:
-            raise ValueError(f"download of {url} has SHA-256 {got}, expected {sha256_hex}; not saved.")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (the MNIST / Fashion-MNIST format, optionally gzipped) into a numpy array."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no IDX file at {path}.")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        zero, dtype_code, ndim = struct.unpack(">HBB", f.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path} is not an unsigned-byte IDX file (header {zero:#x} {dtype_code:#x}).")
-        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
-        data = np.frombuffer(f.read(), dtype=np.uint8)
-    if data.size != math.prod(shape):
-        raise ValueError(f"{path} is truncated: header says shape {shape}, found {data.size} values.")
-    return data.reshape(shape)
-
-
-FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), DATA_DIR / "cache" / "fashion-mnist")
-
-
-def load_fashion_mnist(split: str = "train", root: Path | None = None) -> torch.Tensor:
-    """Fashion-MNIST images, shape (N, 1, 28, 28) in [-1, 1], from IDX files on disk.
-
-    Looks in ``root`` or in Debian's ``dataset-fashion-mnist`` location and ``data/cache``.
-    """
-    if split not in ("train", "t10k"):
-        raise ValueError(f"split must be 'train' or 't10k'; got {split!r}.")
-    names = [f"{split}-images-idx3-ubyte.gz", f"{split}-images-idx3-ubyte"]
-    for d in [Path(root)] if root else FASHION_MNIST_DIRS:
-        for name in names:
-            if (d / name).exists():
-                x = torch.from_numpy(read_idx(d / name).copy()).float()
-                return (x / 127.5 - 1)[:, None]
-    where = ", ".join(str(d) for d in ([Path(root)] if root else FASHION_MNIST_DIRS))
-    raise FileNotFoundError(
-        f"Fashion-MNIST ({split}) not found in {where}. Install Debian's 'dataset-fashion-mnist' "
-        f"package or put {names[0]} in one of those folders."
-    )

@@ -1,6 +1,19 @@
-"""Networks: a time-conditioned MLP for 2D data and a small U-Net for images."""
+"""Networks: a time-conditioned MLP for 2D data, a small U-Net, and the image networks of chapter 11
+(the ADM U-Net and the diffusion transformer DiT) with their parameter and FLOP counts."""
 
+from .adm import ADMUNet
+from .dit import DiT
+from .flops import count_parameters, describe, forward_flops
 from .mlp import MLP, timestep_embedding
 from .unet import UNet
 
-__all__ = ["MLP", "UNet", "timestep_embedding"]
+__all__ = [
+    "MLP",
+    "UNet",
+    "timestep_embedding",
+    "ADMUNet",
+    "DiT",
+    "count_parameters",
+    "forward_flops",
+    "describe",
+]
