@@ -218,17 +218,24 @@ class _Batches:
             self.data.generator.manual_seed(self.base_seed + self.epoch)
         self.iterator = iter(self.data)
 
-    def seek(self, epoch: int, index: int, saved_world: int, world: int):
-        """Continue at batch ``index`` of ``epoch``, as recorded by a run with ``saved_world`` ranks."""
+    def seek(self, epoch: int, index: int, epoch_samples: int | None, world: int):
+        """Continue at ``epoch`` where the run stopped: after ``epoch_samples`` examples of it (all ranks
+        together), or after ``index`` batches if the data has no ``batch_size``."""
         if self.tensor or isinstance(self.data, Iterator):
             return  # a tensor keeps no position; a one-shot iterator cannot be rewound
-        # each rank of a DistributedSampler sees 1/world of an epoch: the same share of the epoch
-        # is index * saved_world / world batches of the same size on each of the new ranks
-        index = index * saved_world // world
+        # with a DistributedSampler, global batch k is the same examples whatever the world size (each
+        # rank takes every world-th of them), so the share of the epoch done converts to batches here
+        batch = getattr(self.data, "batch_size", None)
+        if epoch_samples is not None and batch:
+            index = epoch_samples // (batch * world)
         self.epoch, self.index = epoch, 0
         self._start_epoch()
         for _ in itertools.islice(self.iterator, index):
             self.index += 1
+
+    def epoch_samples(self, world: int) -> int | None:
+        batch = getattr(self.data, "batch_size", None)
+        return None if self.tensor or not batch else self.index * batch * world
 
     def next(self):
         if self.tensor:
@@ -413,6 +420,7 @@ def train(
                         "step": str(done),
                         "epoch": str(batches.epoch),
                         "index": str(batches.index),
+                        "epoch_samples": json.dumps(batches.epoch_samples(world)),
                         "world_size": str(world),
                         "rng_device": device.type,
                         "param_groups": json.dumps(opt.state_dict()["param_groups"]),
@@ -482,7 +490,8 @@ def _restore(path: Path, raw, ema, opt, scaler, generator, batches, config, mode
         generator.set_state(rng)
     else:
         generator.manual_seed(_stream_seed(config.seed, rank, step))
-    batches.seek(int(meta.get("epoch", 0)), int(meta.get("index", 0)), int(meta.get("world_size", 1)), world)
+    samples = json.loads(meta.get("epoch_samples", "null"))
+    batches.seek(int(meta.get("epoch", 0)), int(meta.get("index", 0)), samples, world)
     return step, tensors["losses"]
 
 
