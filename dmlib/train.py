@@ -271,15 +271,24 @@ def _batch_size(batch) -> int:
     return first.shape[0]
 
 
-def _lerp_ema(ema: torch.nn.Module, model: torch.nn.Module, weight: float):
-    """EMA of parameters and floating-point buffers (e.g. normalization statistics); other buffers copied."""
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_params, params, weight)
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        if b.is_floating_point():
-            b_ema.lerp_(b, weight)
-        else:
-            b_ema.copy_(b)
+class _EMA:
+    """EMA of parameters and floating-point buffers (e.g. normalization statistics); other buffers copied.
+
+    The tensor lists are gathered once: walking the module tree every step costs more than the
+    update for a small network.
+    """
+
+    def __init__(self, ema: torch.nn.Module, model: torch.nn.Module):
+        pairs = list(zip(ema.parameters(), model.parameters()))
+        pairs += [(a, b) for a, b in zip(ema.buffers(), model.buffers()) if b.is_floating_point()]
+        self.averaged, self.live = [a for a, _ in pairs], [b for _, b in pairs]
+        self.copies = [(a, b) for a, b in zip(ema.buffers(), model.buffers()) if not b.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, weight: float):
+        torch._foreach_lerp_(self.averaged, self.live, weight)
+        for a, b in self.copies:
+            a.copy_(b)
 
 
 def train(
@@ -309,7 +318,7 @@ def train(
         )
     ddp = forward
     # the EMA copy is made before compiling and is never compiled: a compiled module would not see
-    # the weights that _lerp_ema writes into it
+    # the weights that _EMA.update writes into it
     ema = copy.deepcopy(raw).requires_grad_(False).eval()  # never trained: evaluated (dropout off)
     if config.compile:
         forward = torch.compile(forward)
@@ -339,6 +348,7 @@ def train(
     buffer[:start] = losses[:start].to(device)
     grad_norms = torch.zeros(config.steps, device=device)
     params = list(raw.parameters())
+    averager = _EMA(ema, raw)
     tic = last_time = time.perf_counter()
     samples = 0
     bar = tqdm(
@@ -405,8 +415,7 @@ def train(
             scaler.update()
             # EMA with warm-up: early averages would otherwise be dominated by the random initialization
             decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                _lerp_ema(ema, raw, 1 - decay)
+            averager.update(1 - decay)
             buffer[step], grad_norms[step] = total, norm.detach()
             done = step + 1
             save = ckpt is not None and (done % config.checkpoint_every == 0 or done == config.steps)
