@@ -1,5 +1,6 @@
 """Train an image diffusion model from a JSON config, on one device or many under ``torchrun``.
 
+    python -m dmlib.train_images --config fmnist32_adm                   # a config in dmlib/configs/
     python -m dmlib.train_images --config run.json                       # one CPU or GPU
     torchrun --standalone --nproc_per_node=8 -m dmlib.train_images --config run.json    # 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \\
@@ -62,8 +63,18 @@ DEFAULTS = {
 }
 
 
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
 def load_config(path) -> dict:
-    """Read a run config, filling defaults and refusing unknown keys (a typo would be silently ignored)."""
+    """Read a run config, a JSON file or the name of one in ``dmlib/configs`` (e.g. ``fmnist32_adm``),
+    filling defaults and refusing unknown keys (a typo would otherwise be silently ignored)."""
+    shipped = CONFIGS / f"{path}.json"
+    if not Path(path).exists() and shipped.exists():
+        path = shipped
+    if not Path(path).exists():
+        names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.json")))
+        raise FileNotFoundError(f"no config file {path}; write one, or name a shipped config: {names}.")
     cfg = json.loads(Path(path).read_text())
     unknown = set(cfg) - set(DEFAULTS) - {"dataset", "out"}
     if unknown:

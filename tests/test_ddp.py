@@ -18,7 +18,6 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import _ddp_worker  # noqa: E402
 
-pytestmark = pytest.mark.slow
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "DMLIB_PROFILE": "test"}
 
 
@@ -32,6 +31,7 @@ def finish(proc, timeout=300):
     assert proc.returncode == 0, out
 
 
+@pytest.mark.slow
 def test_two_ranks_with_half_batches_equal_one_process_with_the_whole(tmp_path):
     """DDP averages the gradients of two half batches: the same step as one full batch, to float tolerance.
     Catches: gradients summed instead of averaged, ranks not seeing disjoint halves of each batch,
@@ -97,6 +97,7 @@ def _weights(run_dir):
     return {k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))}, meta
 
 
+@pytest.mark.slow
 def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path):
     """SIGKILL both ranks (and torchrun) after a checkpoint; the same command resumes to the weights of an
     uninterrupted run, bit for bit. Then a one-process run continues the two-rank checkpoint."""
@@ -150,3 +151,28 @@ def test_killed_two_rank_run_resumes_to_the_same_weights(tmp_path):
     assert extend.returncode == 0, extend.stderr
     _, meta = _weights(tmp_path / "killed")
     assert meta["world_size"] == "1" and meta["step"] == "32"
+
+
+@pytest.mark.parametrize("name", ["digits8_adm", "fmnist32_adm", "fmnist32_dit"])
+def test_shipped_configs_build_their_networks(name):
+    """Every config in dmlib/configs loads (no unknown key) and builds its network, on the meta device."""
+    from dmlib import train_images
+    from dmlib.nets.flops import count_parameters
+
+    cfg = train_images.load_config(name)
+    side = cfg["pad_to"] or 8
+    with torch.device("meta"):
+        net = train_images.build_net(cfg, torch.zeros(1, side, side), 10)
+    assert count_parameters(net) > 1e6
+    assert train_images.CONFIGS.joinpath(f"{name}.json").exists()
+
+
+def test_config_errors_are_clear(tmp_path):
+    from dmlib import train_images
+
+    with pytest.raises(FileNotFoundError, match="name a shipped config: digits8_adm, fmnist32_adm"):
+        train_images.load_config("fmnist_typo")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dataset": "digits", "out": "x", "lerning_rate": 1}))
+    with pytest.raises(ValueError, match="unknown keys in .*: lerning_rate"):
+        train_images.load_config(bad)
