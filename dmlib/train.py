@@ -25,6 +25,7 @@ import copy
 import itertools
 import json
 import math
+import numbers
 import os
 import tempfile
 import time
@@ -78,9 +79,19 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self):
-        ints = ("batch_size", "check_every", "checkpoint_every", "accumulation")
-        if self.steps < 0 or self.warmup_steps < 0 or any(getattr(self, k) < 1 for k in ints):
-            raise ValueError(f"steps, warmup_steps >= 0 and {', '.join(ints)} >= 1 needed; got {self}.")
+        counts = ("steps", "warmup_steps", "batch_size", "check_every", "checkpoint_every", "accumulation")
+        for name in counts:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise TypeError(f"{name} counts steps or examples: a whole number; got {value!r}.")
+            setattr(self, name, int(value))  # numpy integers too; the config is saved as JSON
+        positive = ("batch_size", "check_every", "checkpoint_every", "accumulation")
+        if self.steps < 0 or self.warmup_steps < 0 or any(getattr(self, k) < 1 for k in positive):
+            raise ValueError(f"steps, warmup_steps >= 0 and {', '.join(positive)} >= 1 needed; got {self}.")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(
+                f"grad_clip must be a positive norm, or None for no clipping; got {self.grad_clip}."
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1); got {self.ema_decay}.")
         if self.precision not in PRECISIONS:
@@ -196,6 +207,8 @@ class _Batches:
     def __init__(self, data, device: torch.device, batch_size: int, generator: torch.Generator):
         self.data, self.device, self.batch_size, self.generator = data, device, batch_size, generator
         self.tensor = isinstance(data, torch.Tensor)
+        if self.tensor and (data.ndim == 0 or data.shape[0] == 0):
+            raise ValueError(f"data has no examples (shape {tuple(data.shape)}); rows are examples.")
         if self.tensor:
             self.data = data.to(device)
         loader_gen = getattr(data, "generator", None)
@@ -362,7 +375,7 @@ def train(
     def check(upto: int):
         nonlocal last_time, samples
         window = buffer[checked:upto]
-        if not torch.isfinite(window).all():
+        if (~torch.isfinite(window)).any():
             bad = checked + int((~torch.isfinite(window)).nonzero()[0])
             raise FloatingPointError(
                 f"loss became {buffer[bad].item()} at step {bad}: lower lr (now {config.lr}) or check the data"

@@ -282,6 +282,14 @@ def test_bad_settings_are_clear_errors():
         TrainConfig(steps=1, precision="half")
     with pytest.raises(ValueError, match="accumulation"):
         TrainConfig(steps=1, accumulation=0)
+    with pytest.raises(TypeError, match="steps counts steps or examples: a whole number; got 2.5"):
+        TrainConfig(steps=2.5)
+    with pytest.raises(ValueError, match="grad_clip must be a positive norm"):
+        TrainConfig(steps=1, grad_clip=0.0)
+    with pytest.raises(ValueError, match=r"data has no examples \(shape \(0, 2\)\)"):
+        train(_net(), torch.empty(0, 2), _regression_loss, TrainConfig(steps=1, progress=False))
+    with pytest.raises(ValueError, match="data yielded no batches"):
+        train(_net(), iter([]), _regression_loss, TrainConfig(steps=1, progress=False))
 
 
 def test_warmup_logs_and_callback(tmp_path):
