@@ -72,7 +72,7 @@ def vlb_step_costs(
     one denoiser call per ``t`` serves every ``s``: N calls for the N^2 / 2 terms. ``L(t, 0)`` is the
     decoder ``-log N(x_0; x0_hat, beta_{t|0})`` (variance ``beta`` as in :func:`dmlib.ddpm.vlb_terms`).
     Noise is drawn in the order of ``vlb_terms``, so with the same seed the full path's bound is exactly
-    that function's sum.
+    that function's sum. ``jump`` is computed on ``x0``'s device and stays there.
     """
     if variance not in ("betatilde", "beta"):
         raise ValueError(f"variance must be 'betatilde' or 'beta'; got {variance!r}.")
@@ -80,18 +80,19 @@ def vlb_step_costs(
     if sched.sigma(g[0]) > 0:
         raise ValueError(f"the decoder term needs sigma(0) = 0 (data at t = 0); {sched!r} has sigma(0) > 0.")
     n, dim = g.numel() - 1, x0[0].numel()
-    jump = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64)
+    jump = torch.full((n + 1, n + 1), math.inf, dtype=torch.float64, device=x0.device)
     for i in range(1, n + 1):
         t = g[i]
         noise = noise_like(x0, generator)
         x_t = q_sample(sched, x0, t.to(x0.dtype), noise)
         x0_hat = denoiser.x0(x_t, t.to(x0.dtype))
-        coef_x0, coef_xt, var_q = _posterior_coefficients(sched, t, g[:i])  # one entry per s < t
+        # one entry per s < t, computed on the (CPU) grid and moved next to the data
+        coef_x0, coef_xt, var_q = (c.to(x0.device) for c in _posterior_coefficients(sched, t, g[:i]))
         mean_p0 = _col(coef_x0[0], x0) * x0_hat + _col(coef_xt[0], x_t) * x_t
         jump[i, 0] = gaussian_nll(x0, mean_p0, sched.transition(t, g[0])[1].to(x0.dtype)).double().mean()
         if i > 1:
             var_q = var_q[1:]
-            var_p = var_q if variance == "betatilde" else sched.transition(t, g[1:i])[1]
+            var_p = var_q if variance == "betatilde" else sched.transition(t, g[1:i])[1].to(x0.device)
             err2 = ((x0 - x0_hat) ** 2).flatten(1).sum(1).double().mean()  # the KL is linear in it
             log_ratio_terms = 0.5 * dim * (torch.log(var_p / var_q) + var_q / var_p - 1)
             jump[i, 1:i] = log_ratio_terms + coef_x0[1:] ** 2 * err2 / (2 * var_p)
@@ -111,7 +112,7 @@ def optimal_subsequence(costs: StepCosts, k: int) -> tuple[torch.Tensor, float]:
     n = costs.grid.numel() - 1
     if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
         raise ValueError(f"k must be an integer number of jumps in [1, {n}] (the grid's steps); got {k!r}.")
-    best = torch.full((n + 1,), math.inf, dtype=torch.float64)
+    best = torch.full((n + 1,), math.inf, dtype=torch.float64, device=costs.jump.device)
     best[n] = 0.0
     back = []
     for _ in range(int(k)):
@@ -147,7 +148,10 @@ class GaussianPrior:
     t: float
 
     def sample(self, n: int, generator=None, dtype=torch.float32) -> torch.Tensor:
-        z = torch.randn(n, self.mean.numel(), generator=generator, dtype=torch.float64)
+        """``n`` samples, drawn on the prior's device."""
+        z = torch.randn(
+            n, self.mean.numel(), generator=generator, dtype=torch.float64, device=self.mean.device
+        )
         return (self.mean + z @ torch.linalg.cholesky(self.cov).T).to(dtype)
 
 
@@ -167,7 +171,7 @@ def fit_gaussian_prior(schedule: Schedule, data: torch.Tensor, t_trunc: float) -
         raise ValueError(f"need at least 2 data samples for a covariance; got {x.shape[0]}.")
     tt = torch.tensor(t, dtype=torch.float64)
     a, s, d = schedule.alpha(tt), schedule.sigma(tt), x.shape[1]
-    cov = a**2 * torch.cov(x.T).reshape(d, d) + s**2 * torch.eye(d, dtype=torch.float64)
+    cov = a**2 * torch.cov(x.T).reshape(d, d) + s**2 * torch.eye(d, dtype=torch.float64, device=x.device)
     return GaussianPrior(a * x.mean(0), cov, t)
 
 
@@ -272,7 +276,9 @@ def distill(
     """
     if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 1:
         raise ValueError(f"rounds must be a positive integer; got {rounds!r}.")
-    per_round = [steps_per_round] * int(rounds) if isinstance(steps_per_round, Real) else list(steps_per_round)
+    per_round = (
+        [steps_per_round] * int(rounds) if isinstance(steps_per_round, Real) else list(steps_per_round)
+    )
     if len(per_round) != rounds or any(isinstance(k, bool) or int(k) != k or k < 0 for k in per_round):
         raise ValueError(
             f"steps_per_round must be a non-negative integer or {rounds} of them; got {steps_per_round!r}."
@@ -319,8 +325,9 @@ class ConsistencyFunction(nn.Module):
     def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         t = as_time(t, like=x)
         t = t.expand(x.shape[0]) if t.ndim == 0 else t
-        t_min = torch.tensor(self.t_min, dtype=t.dtype)  # t_min as x's dtype sees it: the boundary is exact
-        if (t < t_min).any():
+        # t_min as x's dtype sees it: the boundary is exact
+        t_min = torch.tensor(self.t_min, dtype=t.dtype, device=t.device)
+        if t.device.type == "cpu" and (t < t_min).any():  # checked on the host only, as in as_time
             raise ValueError(f"a consistency function is defined for t >= t_min = {self.t_min}.")
         a, s = self.schedule.alpha(t.double()), self.schedule.sigma(t.double())
         a_min = self.schedule.alpha(t_min.double())
@@ -342,9 +349,10 @@ def consistency_distillation_loss(
     ``||model(x_t, t) - target(x^_s, s)||^2``. ``target`` is the EMA network ``theta^-`` (under no_grad);
     Song & Dhariwal (2023, sec. 3.2) show that ``theta^- = theta`` (the model itself) works as well.
     """
-    ts = check_timesteps(timesteps).to(x0.device)
+    ts = check_timesteps(timesteps)
     if abs(ts[-1].item() - getattr(model, "t_min", ts[-1].item())) > 1e-12:
         raise ValueError(f"timesteps must end at the consistency function's t_min = {model.t_min}.")
+    ts = ts.to(x0.device)
     i = torch.randint(0, ts.numel() - 1, (x0.shape[0],), generator=generator, device=x0.device)
     t, s = ts[i].to(x0.dtype), ts[i + 1].to(x0.dtype)
     noise = noise_like(x0, generator)

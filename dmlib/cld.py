@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .ddpm import check_timesteps
 from .oracle import GaussianMixture
+from .parameterization import noise_like
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,24 @@ class CLD:
 
     def marginal(self, mixture: GaussianMixture, t: float) -> GaussianMixture:
         """The exact law of ``(x_t, v_t)`` (a mixture in 2D dimensions, ``x`` first) when
-        ``x_0 ~ mixture`` and ``v_0 ~ N(0, gamma M I)``."""
-        A, Sigma = self.transition(t)
+        ``x_0 ~ mixture`` and ``v_0 ~ N(0, gamma M I)``, on the mixture's device."""
+        dev = mixture.means.device
+        A, Sigma = (m.to(dev) for m in self.transition(t))
         D = mixture.dim
-        eye = torch.eye(D, dtype=torch.float64)
+        eye = torch.eye(D, dtype=torch.float64, device=dev)
         A_full, Sigma_full = torch.kron(A, eye), torch.kron(Sigma, eye)  # (x, v) blocks of size D
         means = torch.cat([mixture.means, torch.zeros_like(mixture.means)], dim=1) @ A_full.T
-        start = torch.zeros(mixture.means.shape[0], 2 * D, 2 * D, dtype=torch.float64)
+        start = torch.zeros(mixture.means.shape[0], 2 * D, 2 * D, dtype=torch.float64, device=dev)
         start[:, :D, :D] = mixture.covs
         start[:, D:, D:] = self.gamma * self.M * eye
         covs = A_full @ start @ A_full.T + Sigma_full
-        return GaussianMixture(means, covs, weights=mixture.weights)
+        return GaussianMixture._unchecked(means, covs, mixture.weights)  # valid: derived from a valid one
 
-    def equilibrium(self, n: int, dim: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Samples of the prior ``N(0, I) x N(0, M I)``, shape ``(n, 2 dim)``."""
-        z = torch.randn(n, 2 * dim, generator=generator)
+    def equilibrium(
+        self, n: int, dim: int, generator: torch.Generator | None = None, device=None
+    ) -> torch.Tensor:
+        """Samples of the prior ``N(0, I) x N(0, M I)``, shape ``(n, 2 dim)``, drawn on ``device``."""
+        z = torch.randn(n, 2 * dim, generator=generator, device=device)
         return torch.cat([z[:, :dim], self.M**0.5 * z[:, dim:]], dim=1)
 
     def drift(self, u: torch.Tensor) -> torch.Tensor:
@@ -93,7 +97,7 @@ class CLD:
 def simulate_forward(cld: CLD, x0: torch.Tensor, timesteps, generator: torch.Generator | None = None):
     """Euler–Maruyama on the forward CLD from ``(x_0, v_0 ~ N(0, gamma M I))``: all states, (N, B, 2 dim)."""
     ts = torch.as_tensor(timesteps, dtype=torch.float64)
-    v0 = (cld.gamma * cld.M) ** 0.5 * torch.randn(x0.shape, generator=generator, dtype=x0.dtype)
+    v0 = (cld.gamma * cld.M) ** 0.5 * noise_like(x0, generator)
     states = [torch.cat([x0, v0], dim=1)]
     D = x0.shape[1]
     for t, s in zip(ts[:-1], ts[1:]):
@@ -102,9 +106,7 @@ def simulate_forward(cld: CLD, x0: torch.Tensor, timesteps, generator: torch.Gen
             raise ValueError("timesteps of the forward simulation must increase strictly.")
         u = states[-1]
         noise = torch.zeros_like(u)
-        noise[:, D:] = (2 * cld.Gamma * cld.beta * dt) ** 0.5 * torch.randn(
-            x0.shape, generator=generator, dtype=u.dtype
-        )
+        noise[:, D:] = (2 * cld.Gamma * cld.beta * dt) ** 0.5 * noise_like(x0, generator)
         states.append(u + cld.drift(u) * dt + noise)
     return torch.stack(states)
 
@@ -137,9 +139,7 @@ def sample_cld(
         drift[:, D:] -= 2 * cld.Gamma * cld.beta * score_v
         u = u - drift * dt
         if s > 0:  # no noise on the last step (the usual "denoising" end of a reverse SDE)
-            u[:, D:] += (2 * cld.Gamma * cld.beta * dt) ** 0.5 * torch.randn(
-                (u.shape[0], D), generator=generator, dtype=u.dtype
-            )
+            u[:, D:] += (2 * cld.Gamma * cld.beta * dt) ** 0.5 * noise_like(u[:, D:], generator)
         if callback is not None:
             callback(i + 1, s, u)
     return u

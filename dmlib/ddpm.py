@@ -47,7 +47,8 @@ def _transition(schedule: Schedule, t, s):
     schedule ``alpha_{t|s}^2 = abar_t / abar_s`` and ``sigma_{t|s}^2 = beta_{t|s} = 1 - abar_t / abar_s``."""
     t = as_time(t).to(torch.float64)
     s = as_time(s).to(torch.float64)
-    if (s >= t).any():
+    on_host = t.device.type == "cpu" and s.device.type == "cpu"  # checked there only, as in as_time
+    if on_host and (s >= t).any():
         raise ValueError("the posterior q(x_s | x_t, x_0) needs s < t.")
     a_ts, var_ts = schedule.transition(t, s)
     return a_ts**2, var_ts
@@ -63,7 +64,7 @@ def posterior(schedule: Schedule, x_t: torch.Tensor, x0: torch.Tensor, t, s):
     """
     coef_x0, coef_xt, var = _posterior_coefficients(schedule, t, s)
     mean = _col(coef_x0, x0) * x0 + _col(coef_xt, x_t) * x_t
-    return mean, var.to(x_t.dtype)
+    return mean, var.to(dtype=x_t.dtype, device=x_t.device)
 
 
 def _posterior_coefficients(schedule: Schedule, t, s):
@@ -164,7 +165,7 @@ def simple_loss(
     if prediction not in ("eps", "x0", "v"):
         raise ValueError(f"simple_loss trains 'eps', 'x0' or 'v' predictions; got {prediction!r}.")
     t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=x0.dtype)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    noise = noise_like(x0, generator)
     alpha, sigma = schedule.alpha(t), schedule.sigma(t)
     x_t = _col(alpha, x0) * x0 + _col(sigma, x0) * noise  # eq. 4, as in q_sample
     target = from_x0_eps(x0, noise, prediction, alpha, sigma)
@@ -172,8 +173,11 @@ def simple_loss(
 
 
 def check_timesteps(timesteps) -> torch.Tensor:
-    """Sampler time grids run strictly downwards inside [0, 1], e.g. ``torch.linspace(1, 0, T + 1)``."""
-    ts = as_time(timesteps)
+    """Sampler time grids run strictly downwards inside [0, 1], e.g. ``torch.linspace(1, 0, T + 1)``.
+
+    A grid is read by Python at every step, so it is returned on the CPU (copied once if it lives elsewhere).
+    """
+    ts = as_time(timesteps.cpu() if torch.is_tensor(timesteps) else timesteps)
     if ts.ndim != 1 or ts.numel() < 2:
         raise ValueError(
             f"timesteps must be a 1-D tensor with at least 2 times; got shape {tuple(ts.shape)}."

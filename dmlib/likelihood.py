@@ -257,8 +257,8 @@ def discrete_vlb(
     if isinstance(variance, str):
         table = variance_table(sched, T, variance)
     elif torch.is_tensor(variance):
-        table = variance.to(torch.float64)
-        if table.shape != (T + 1,) or not (table[1:] > 0).all():
+        table = variance.to(torch.float64)  # on any device: only table[i] meets the data
+        if table.shape != (T + 1,) or (~(table[1:] > 0)).any():
             raise ValueError(f"a variance tensor must have shape ({T + 1},) and positive entries 1..T.")
     elif not learned:
         raise ValueError(
@@ -324,7 +324,7 @@ def analytic_dpm_variances(
     _check_data_at_zero(sched)
     grid = _grid(T)
     data_var = data.to(torch.float64).flatten(1).var(0).mean()
-    out = torch.zeros(T + 1, dtype=torch.float64)
+    out = torch.zeros(T + 1, dtype=torch.float64, device=data.device)
     for i in range(1, T + 1):
         t, s = grid[i], grid[i - 1]
         noise = noise_like(data, generator)
@@ -406,13 +406,13 @@ def hybrid_loss(
     simple = ((noise - eps_hat) ** 2).mean()
     mean_p = (x_t - col("eps_coef") * eps_hat.detach()) / col("sqrt_ratio")  # eq. 11, stop-gradient
     var_p = torch.exp(v * col("log_beta") + (1 - v) * col("log_betatilde"))
-    first, rest = i == 1, i > 1
-    term = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-    if first.any():
-        term[first] = _decoder_nll(decoder, x0[first], mean_p[first], var_p[first], bins)
-    if rest.any():
-        mean_q = col("coef_x0") * x0 + col("coef_xt") * x_t
-        term[rest] = gaussian_kl(mean_q[rest], tab["var_q"][i][rest], mean_p[rest], var_p[rest])
+    # both terms for every sample, each keeping its own: no boolean indexing, which waits for the device
+    first = i == 1
+    mean_q = col("coef_x0") * x0 + col("coef_xt") * x_t
+    var_q = torch.where(first, 1.0, tab["var_q"][i])  # betatilde_1 = 0: a finite stand-in where unused
+    term = torch.where(
+        first, _decoder_nll(decoder, x0, mean_p, var_p, bins), gaussian_kl(mean_q, var_q, mean_p, var_p)
+    )
     vlb_bits = bits_per_dim(term, x0[0].numel())
     return simple + lam * T * vlb_bits.mean()
 
@@ -478,11 +478,11 @@ def diffusion_loss(
     if int(n_t) != n_t or n_t < 1:
         raise ValueError(f"n_t must be a positive integer; got {n_t!r}.")
     sched, B, dt = denoiser.schedule, x0.shape[0], x0.dtype
-    g_ends, _ = _gamma_and_slope(sched, torch.tensor([t_min, t_max], dtype=dt, device=x0.device))
-    if not torch.isfinite(g_ends).all():
+    if _sigma_at(sched, t_min) <= 0:
         raise ValueError(
             f"log-SNR is infinite at t_min={t_min} (sigma = 0 there); integrate from a t_min > 0, e.g. 1e-5."
         )
+    g_ends, _ = _gamma_and_slope(sched, torch.tensor([t_min, t_max], dtype=dt, device=x0.device))
     g_lo, g_hi = g_ends[0], g_ends[1]
     d = x0[0].numel()
     total = torch.zeros(B, dtype=dt, device=x0.device)
@@ -495,7 +495,7 @@ def diffusion_loss(
             log_snr = -(g_lo + (g_hi - g_lo) * u).detach().to(torch.float64)
             t = sched.t_from_log_snr(log_snr).to(dt).clamp(t_min, t_max)
             weight = (g_hi - g_lo).expand(B)
-        noise = torch.randn(x0.shape, generator=generator, dtype=dt, device=x0.device)
+        noise = noise_like(x0, generator)
         alpha, sigma = sched.alpha(t), sched.sigma(t)
         x_t = _col(alpha, x0) * x0 + _col(sigma, x0) * noise
         err = ((noise - denoiser.eps(x_t, t)) ** 2).flatten(1).sum(1)
@@ -599,8 +599,8 @@ class LearnedSchedule(nn.Module, VariancePreserving):
         return h
 
     def gamma(self, t) -> torch.Tensor:
-        """``gamma(t) = -log SNR(t)``, increasing from ``gamma_0`` to ``gamma_1``."""
-        t = as_time(t)
+        """``gamma(t) = -log SNR(t)``, increasing from ``gamma_0`` to ``gamma_1``, on the module's device."""
+        t = as_time(t).to(self.ends.device)
         h, h0, h1 = self._shape(t), self._shape(t.new_zeros(())), self._shape(t.new_ones(()))
         g0, g1 = self.ends.to(t.dtype).unbind()
         return g0 + (g1 - g0) * (h - h0) / (h1 - h0)
@@ -610,6 +610,16 @@ class LearnedSchedule(nn.Module, VariancePreserving):
 
     def log_snr(self, t):
         return -self.gamma(t)
+
+    # the base class builds tensors next to its argument: bring times and log-SNRs to the module's device
+    def t_from_log_snr(self, log_snr, iterations: int = 60) -> torch.Tensor:
+        dtype = None if torch.is_tensor(log_snr) else torch.float64
+        return super().t_from_log_snr(
+            torch.as_tensor(log_snr, dtype=dtype, device=self.ends.device), iterations
+        )
+
+    def drift_diffusion(self, t):
+        return super().drift_diffusion(as_time(t).to(self.ends.device))
 
     def log_alpha_bar(self, t):
         return nn.functional.logsigmoid(-self.gamma(t))
@@ -716,12 +726,15 @@ def endpoint_invariance(
 PROBES = ("rademacher", "gaussian")
 
 
-def hutchinson_probe(shape, kind: str = "rademacher", generator=None, dtype=torch.float64) -> torch.Tensor:
-    """A probe ``v`` with ``E[v v^T] = I``: Rademacher (+-1, the lower-variance choice) or Gaussian."""
+def hutchinson_probe(
+    shape, kind: str = "rademacher", generator=None, dtype=torch.float64, device=None
+) -> torch.Tensor:
+    """A probe ``v`` with ``E[v v^T] = I``: Rademacher (+-1, the lower-variance choice) or Gaussian,
+    drawn on ``device``."""
     if kind == "rademacher":
-        return torch.randint(0, 2, tuple(shape), generator=generator).to(dtype) * 2 - 1
+        return torch.randint(0, 2, tuple(shape), generator=generator, device=device).to(dtype) * 2 - 1
     if kind == "gaussian":
-        return torch.randn(tuple(shape), generator=generator, dtype=dtype)
+        return torch.randn(tuple(shape), generator=generator, dtype=dtype, device=device)
     raise ValueError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}.")
 
 
@@ -792,6 +805,9 @@ def ode_log_likelihood(
     result is ``log q_{t_eps}(x)`` up to the prior mismatch ``q_1 != N(0, s^2 I)`` and solver tolerance;
     ``prior`` (a function ``x_T -> log density``, default :func:`prior_log_prob`) can replace the prior,
     e.g. by the oracle's exact ``log q_1`` to measure the solver alone.
+
+    The model runs on ``x``'s device and the results are returned there (``x_T`` in ``x``'s dtype, the
+    log-densities in float64); the solver's state goes through the CPU at every evaluation.
     """
     from scipy.integrate import solve_ivp
 
@@ -803,7 +819,7 @@ def ode_log_likelihood(
     if trace != "exact" and trace not in PROBES:
         raise ValueError(f"unknown trace {trace!r}; choose 'exact' or one of {', '.join(PROBES)}.")
     shape, B, device = x.shape, x.shape[0], x.device
-    probe = None if trace == "exact" else hutchinson_probe(shape, trace, generator, dtype).to(device)
+    probe = None if trace == "exact" else hutchinson_probe(shape, trace, generator, dtype, device)
     nfe = 0
 
     def rhs(t, y):
@@ -818,7 +834,7 @@ def ode_log_likelihood(
     sol = solve_ivp(rhs, (float(t_eps), 1.0), y0, method="RK45", rtol=rtol, atol=atol)
     if not sol.success:
         raise RuntimeError(f"the ODE solver failed: {sol.message}")
-    end = torch.from_numpy(sol.y[:, -1].copy())
+    end = torch.from_numpy(sol.y[:, -1].copy()).to(device)  # the results live where x does
     x_T, delta = end[:-B].reshape(shape), end[-B:]
     log_prior = prior_log_prob(sched, x_T) if prior is None else prior(x_T).to(torch.float64)
     return ODELikelihood(log_prior + delta, log_prior, delta, x_T.to(x.dtype), nfe)

@@ -1,4 +1,7 @@
-"""Sample-quality metrics for 2D and small data: exact where the density is known, two-sample otherwise."""
+"""Sample-quality metrics for 2D and small data: exact where the density is known, two-sample otherwise.
+
+Each is computed on the samples' device and converted to Python numbers once, at the end.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def sliced_wasserstein(x, y, n_projections: int = 512, generator: torch.Generato
     _check_pair(x, y)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"sliced_wasserstein needs equal sample counts; got {x.shape[0]} and {y.shape[0]}.")
-    u = torch.randn(x.shape[1], n_projections, generator=generator, dtype=torch.float64)
+    u = torch.randn(x.shape[1], n_projections, generator=generator, dtype=torch.float64, device=x.device)
     u = u / u.norm(dim=0, keepdim=True)
     px, _ = torch.sort((x.double() @ u).T.contiguous(), dim=1)  # sort along rows: much faster than dim 0
     py, _ = torch.sort((y.double() @ u).T.contiguous(), dim=1)
@@ -45,15 +48,17 @@ def mode_coverage(samples, mixture: GaussianMixture, n_std: float = 3.0, min_sha
     (``weight * N``). Returns ``modes`` (covered count), ``n_modes``, ``near`` (fraction of samples
     near some mode) and ``weights`` (share of the near samples per mode, for weight errors).
     """
-    means = mixture.means.to(samples.dtype)
     stds = torch.diagonal(mixture.covs, dim1=1, dim2=2).sqrt().to(samples.dtype)  # (K, D)
-    if not torch.allclose(stds, stds[:, :1].expand_as(stds)):
+    if not torch.allclose(stds, stds[:, :1].expand_as(stds)):  # checked where the mixture lives
         raise ValueError("mode_coverage needs isotropic components (equal std in every direction).")
+    means, stds = mixture.means.to(samples.device, samples.dtype), stds.to(samples.device)
     dist = torch.cdist(samples, means)  # (N, K)
     d, k = dist.min(dim=1)
     near = d <= n_std * stds[k, 0]
-    counts = torch.bincount(k[near], minlength=means.shape[0]).double()
-    expected = mixture.weights * samples.shape[0]
+    # counts[k] += near: the near samples per mode, without a boolean index (its size depends on the data)
+    counts = torch.zeros(means.shape[0], dtype=torch.float64, device=samples.device)
+    counts = counts.index_add(0, k, near.double())
+    expected = mixture.weights.to(samples.device) * samples.shape[0]
     return {
         "modes": int((counts >= min_share * expected).sum()),
         "n_modes": means.shape[0],

@@ -114,7 +114,8 @@ def time_grid(
                 f"denoising step to t = {t_min}); got {n}. Pass more steps or t_min > 0."
             )
         end, n = t_eps, n - 1
-    lam_hi, lam_lo = schedule.log_snr(_f64(end)), schedule.log_snr(_f64(t_max))
+    # on the CPU, where the grid is built (a learned schedule answers on its own device)
+    lam_hi, lam_lo = schedule.log_snr(_f64(end)).cpu(), schedule.log_snr(_f64(t_max)).cpu()
     i = torch.arange(n + 1, dtype=torch.float64) / n
     if kind == "logsnr":
         lam = lam_lo + i * (lam_hi - lam_lo)
@@ -326,7 +327,7 @@ def _deis_coefficients(schedule: Schedule, grid: _Grid, order: int, n_quad: int 
     nodes, weights = np.polynomial.legendre.leggauss(n_quad)
     r0, r1 = np.array(grid.rho[:-1])[:, None], np.array(grid.rho[1:])[:, None]
     rho = r0 + (r1 - r0) * (nodes + 1) / 2  # (steps, n_quad)
-    tau = schedule.t_from_log_snr(torch.from_numpy(-2 * np.log(rho))).numpy()  # nodes are interior: rho > 0
+    tau = schedule.t_from_log_snr(torch.from_numpy(-2 * np.log(rho))).cpu().numpy()  # interior nodes: rho > 0
     w, ts = weights * (r1 - r0) / 2, grid.t.tolist()
     coefs = []
     for i in range(grid.steps):

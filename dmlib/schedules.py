@@ -23,19 +23,23 @@ LOG_ABAR_MIN = -20.0
 
 
 def as_time(t, like: torch.Tensor | None = None) -> torch.Tensor:
-    """``t`` as a float tensor, checked to lie in [0, 1] (a clear error instead of a NaN later)."""
+    """``t`` as a float tensor (on ``like``'s device if given), checked to lie in [0, 1] (a clear error
+    instead of a NaN later).
+
+    The check reads the values back to Python, which is free for numbers and CPU tensors but would stall
+    an accelerator at every call: times that already live on another device (those the losses draw there)
+    are not checked.
+    """
     if not torch.is_tensor(t):  # python numbers: float64, so t = i / T is exact enough for any T
         t = torch.tensor(t, dtype=like.dtype if like is not None else torch.float64)
     if not torch.is_floating_point(t):
         t = t.to(torch.get_default_dtype())
-    if like is not None:
-        t = t.to(like.device)
-    if t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
+    if t.device.type == "cpu" and t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
         raise ValueError(
             f"time t must lie in [0, 1] (continuous time; discrete step i is t = i / T); "
             f"got values from {t.min().item():g} to {t.max().item():g}."
         )
-    return t
+    return t if like is None else t.to(like.device)
 
 
 class Schedule:
@@ -292,8 +296,8 @@ class Sigmoid(VariancePreserving):
         self.start, self.end, self.tau = start, end, tau
 
     def log_alpha_bar(self, t):
-        v_start = torch.sigmoid(torch.tensor(self.start / self.tau, dtype=t.dtype))
-        v_end = torch.sigmoid(torch.tensor(self.end / self.tau, dtype=t.dtype))
+        v_start = torch.sigmoid(torch.tensor(self.start / self.tau, dtype=t.dtype, device=t.device))
+        v_end = torch.sigmoid(torch.tensor(self.end / self.tau, dtype=t.dtype, device=t.device))
         v = torch.sigmoid((t * (self.end - self.start) + self.start) / self.tau)
         return torch.log(((v_end - v) / (v_end - v_start)).clamp(min=1e-20))
 

@@ -130,7 +130,7 @@ def score_matching_loss(
         raise ValueError("importance sampling of t is defined for weighting_kind='likelihood' only.")
     u = torch.rand(x0.shape[0], generator=generator, dtype=x0.dtype, device=x0.device)
     if importance:
-        lam_lo, lam_hi = schedule.log_snr(torch.tensor(1.0)), schedule.log_snr(torch.tensor(t_min))
+        lam_lo, lam_hi = (schedule.log_snr(torch.tensor(t, device=x0.device)) for t in (1.0, t_min))
         t = schedule.t_from_log_snr(lam_lo + u.double() * (lam_hi - lam_lo)).to(x0.dtype)
     else:
         t = t_min + (1 - t_min) * u

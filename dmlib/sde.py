@@ -152,7 +152,7 @@ def langevin_correct(
         score = denoiser.score(x, t)
         z = noise_like(x, generator)
         ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp(min=1e-12)
-        step = 2 * torch.as_tensor(alpha_ratio, dtype=x.dtype) * (snr * ratio) ** 2
+        step = 2 * torch.as_tensor(alpha_ratio, dtype=x.dtype, device=x.device) * (snr * ratio) ** 2
         x = x + step * score + (2 * step).sqrt() * z
     return x
 
@@ -233,24 +233,26 @@ def solve_pf_ode(
 
     Works in either direction (``t_end < t_start`` samples, ``t_end > t_start`` encodes).
     Returns ``(states, nfe)``: the state at ``t_end`` (or, given ``t_eval``, the states at those
-    times, shape ``(len(t_eval), *x.shape)``) and the number of drift evaluations.
+    times, shape ``(len(t_eval), *x.shape)``), in ``x``'s dtype and on its device, and the number of
+    drift evaluations. The denoiser runs on ``x``'s device; the solver's state goes through the CPU
+    at every evaluation, so this reference is for small problems.
     """
     from scipy.integrate import solve_ivp
 
     as_time(torch.tensor([float(t_start), float(t_end)]))  # a clear error for times outside [0, 1]
     if t_start == t_end:
         raise ValueError("t_start and t_end must differ.")
-    shape, dtype = x.shape, x.dtype
+    shape, dtype, device = x.shape, x.dtype, x.device
 
     def rhs(t, y):
-        xt = torch.from_numpy(y).reshape(shape)
+        xt = torch.from_numpy(y).reshape(shape).to(device)
         with torch.no_grad():
-            return pf_ode_drift(denoiser, xt, torch.tensor(t, dtype=torch.float64)).reshape(-1).numpy()
+            return pf_ode_drift(denoiser, xt, torch.tensor(t, dtype=torch.float64)).reshape(-1).cpu().numpy()
 
     sol = solve_ivp(
         rhs,
         (float(t_start), float(t_end)),
-        x.detach().to(torch.float64).reshape(-1).numpy(),
+        x.detach().to(torch.float64).reshape(-1).cpu().numpy(),
         method="RK45",
         rtol=rtol,
         atol=atol,
@@ -259,6 +261,5 @@ def solve_pf_ode(
     if not sol.success:
         raise RuntimeError(f"the ODE solver failed: {sol.message}")
     ys = torch.from_numpy(sol.y.T.copy())
-    if t_eval is None:
-        return ys[-1].reshape(shape).to(dtype), sol.nfev
-    return ys.reshape(len(ys), *shape).to(dtype), sol.nfev
+    out = ys[-1].reshape(shape) if t_eval is None else ys.reshape(len(ys), *shape)
+    return out.to(device=device, dtype=dtype), sol.nfev
