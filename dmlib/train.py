@@ -336,9 +336,7 @@ def train(
     if config.compile:
         forward = torch.compile(forward)
     opt = torch.optim.AdamW(raw.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True)
-    scaler = torch.amp.GradScaler(
-        "cuda" if device.type == "meta" else device.type, enabled=config.precision == "fp16"
-    )
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     autocast = (
         torch.autocast(device.type, dtype=PRECISIONS[config.precision])
         if config.precision != "fp32"
@@ -375,8 +373,15 @@ def train(
     def check(upto: int):
         nonlocal last_time, samples
         window = buffer[checked:upto]
-        if (~torch.isfinite(window)).any():
-            bad = checked + int((~torch.isfinite(window)).nonzero()[0])
+        bad_somewhere = (~torch.isfinite(window)).any()
+        if world > 1:  # every rank stops together; one that went on alone would wait forever in DDP
+            bad_somewhere = bad_somewhere.to(torch.uint8)
+            dist.all_reduce(bad_somewhere, op=dist.ReduceOp.MAX)
+        if bad_somewhere:
+            nonfinite = (~torch.isfinite(window)).nonzero()
+            if len(nonfinite) == 0:
+                raise FloatingPointError(f"another rank's loss became non-finite before step {upto}.")
+            bad = checked + int(nonfinite[0])
             raise FloatingPointError(
                 f"loss became {buffer[bad].item()} at step {bad}: lower lr (now {config.lr}) or check the data"
                 + (f"; the last good checkpoint is {ckpt}." if ckpt is not None and ckpt.exists() else ".")

@@ -30,9 +30,16 @@ def loss_fn(model, batch, generator):
     return ((model(x_t, t) - eps) ** 2).mean()
 
 
-def job():
+def job(nan_on_rank1_at=None):
+    """Train; with ``nan_on_rank1_at=k``, rank 1's loss is NaN at step k (its k-th call) and nobody else's."""
     torch.set_num_threads(1)
     rank, world = _rank_world()
+    calls = iter(range(10**6))
+
+    def loss(model, batch, generator):
+        value = loss_fn(model, batch, generator)
+        return value * float("nan") if next(calls) == nan_on_rank1_at and rank == 1 else value
+
     data = dataset()
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, seed=3, drop_last=True)
     loader = DataLoader(data, batch_size=BATCH // world, sampler=sampler)
@@ -40,13 +47,13 @@ def job():
     if rank == 0:
         torch.manual_seed(0)
     net = MLP(hidden=32, depth=2)
-    config = TrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-2, progress=False, device="cpu")
-    return train(net, loader, loss_fn, config)
+    config = TrainConfig(steps=STEPS, batch_size=BATCH, lr=1e-2, check_every=4, progress=False, device="cpu")
+    return train(net, loader, loss, config)
 
 
 if __name__ == "__main__":
     torch.distributed.init_process_group("gloo")
-    result = job()
+    result = job(int(sys.argv[2]) if len(sys.argv) > 2 else None)
     if torch.distributed.get_rank() == 0:
         tensors = {f"model.{k}": v for k, v in result.model.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in result.ema.state_dict().items()}

@@ -62,6 +62,26 @@ def test_two_ranks_with_half_batches_equal_one_process_with_the_whole(tmp_path):
     assert not torch.equal(two["losses"], one.losses)
 
 
+@pytest.mark.slow
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1's loss is NaN at the last step of a check window, rank 0's is finite: both must stop there.
+    Catches: a rank that saw no NaN going on alone (it would wait forever in the next all-reduce, or
+    finish with weights that rank 1 no longer shares)."""
+    proc = torchrun(
+        str(HERE / "_ddp_worker.py"),
+        str(tmp_path / "w.safetensors"),
+        "7",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "loss became nan at step 7" in out
+    assert "another rank's loss became non-finite before step 8" in out
+    assert not (tmp_path / "w.safetensors").exists()
+
+
 def _config(tmp_path, name, steps=24):
     cfg = {
         "dataset": "digits",
