@@ -142,25 +142,34 @@ def make_loss(cfg: dict, num_classes: int | None):
     return loss
 
 
-def sample_grid(ema, cfg: dict, shape, n: int = 64, seed: int = 0) -> torch.Tensor:
-    """``n`` samples from the EMA network by DDIM (``sample_steps`` steps), for a progress picture."""
+def sample_grid(ema, cfg: dict, shape, num_classes: int | None = None, seed: int = 0) -> torch.Tensor:
+    """64 samples from the EMA network by DDIM (``sample_steps`` steps), for a progress picture: 8 rows
+    of 8, row ``r`` of class ``r`` for a class-conditional network (unguided, conditional score)."""
     from .samplers import sample_ddim
 
     device = next(ema.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
-    x_T = torch.randn((n, *shape), generator=g, device=device)
-    denoiser = Denoiser(ema, get_schedule(cfg["schedule"]), cfg["prediction"], clip_x0=(-1, 1))
+    x_T = torch.randn((64, *shape), generator=g, device=device)
+    model = ema
+    if num_classes is not None:
+        y = torch.arange(64, device=device) // 8 % num_classes
+        model = lambda x_t, t: ema(x_t, t, y)  # noqa: E731
+    denoiser = Denoiser(model, get_schedule(cfg["schedule"]), cfg["prediction"], clip_x0=(-1, 1))
     with torch.no_grad():
         return sample_ddim(denoiser, x_T, torch.linspace(1, 0, cfg["sample_steps"] + 1))
 
 
-def save_grid(images: torch.Tensor, path: Path):
+def save_grid(images: torch.Tensor, path: Path, min_width: int = 512):
+    """A PNG of the images in a grid, pixels repeated (nearest neighbour) to at least ``min_width`` wide."""
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from .plot import image_grid
 
-    grid = image_grid(images.float().cpu().clamp(-1, 1))
-    plt.imsave(path, (grid + 1) / 2 if grid.ndim == 3 else grid, cmap="gray", vmin=-1, vmax=1)
+    grid = image_grid(images)  # in [0, 1]
+    scale = max(1, -(-min_width // grid.shape[1]))
+    grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+    plt.imsave(path, grid, cmap="gray", vmin=0, vmax=1)
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -213,7 +222,7 @@ def run(cfg: dict) -> Path:
         shape = tuple(prepare(x[:1], cfg, None).shape[1:])
 
         def write_grid(step, model, ema):
-            save_grid(sample_grid(ema, cfg, shape), out / f"samples_{step:07d}.png")
+            save_grid(sample_grid(ema, cfg, shape, num_classes), out / f"samples_{step:07d}.png")
 
         train(
             net,
