@@ -1,5 +1,7 @@
 """Train an image diffusion model from a JSON config, on one device or many under ``torchrun``.
 
+Usage::
+
     python -m dmlib.train_images --config fmnist32_adm                   # a config in dmlib/configs/
     python -m dmlib.train_images --config run.json                       # one CPU or GPU
     torchrun --standalone --nproc_per_node=8 -m dmlib.train_images --config run.json    # 8 GPUs
