@@ -188,6 +188,17 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return 0, 1, device
 
 
+def _git_commit() -> str:
+    """The commit of the dmlib that trained, for the weights' provenance ("unknown" outside a checkout)."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
+    except OSError:  # no git on this machine
+        return "unknown"
+    return rev.stdout.strip() if rev.returncode == 0 else "unknown"
+
+
 def run(cfg: dict) -> Path:
     """Train as ``cfg`` says; returns the path of the exported EMA weights."""
     rank, world, device = _setup_distributed()
@@ -217,9 +228,8 @@ def run(cfg: dict) -> Path:
             seed=config.seed,
             pin_memory=device.type == "cuda",
         )
-        torch.manual_seed(
-            config.seed
-        )  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        torch.manual_seed(config.seed)
         net = build_net(cfg, prepare(x[:1], cfg, None)[0], num_classes)
         shape = tuple(prepare(x[:1], cfg, None).shape[1:])
 
@@ -236,13 +246,12 @@ def run(cfg: dict) -> Path:
         )
         weights = out / "ema.safetensors"
         if rank == 0:
-            rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
             export_weights(
                 config.checkpoint,
                 weights,
                 script="python -m dmlib.train_images",
                 run_config=json.dumps(cfg),
-                git_commit=rev.stdout.strip() or "unknown",
+                git_commit=_git_commit(),
                 torch_version=torch.__version__,
                 world_size=str(world),
             )
