@@ -103,12 +103,14 @@ def toy_mixture(name: str) -> GaussianMixture:
     return MIXTURES[name]()
 
 
-def load_digits() -> torch.Tensor:
-    """scikit-learn's 1797 handwritten digits, shape (1797, 1, 8, 8), scaled from 0..16 to [-1, 1].
+def load_digits(with_labels: bool = False):
+    """scikit-learn's 1797 handwritten digits, shape (1797, 1, 8, 8), scaled from 0..16 to [-1, 1];
+    with ``with_labels=True``, ``(images, labels)`` with int64 labels 0..9.
 
     They ship inside scikit-learn, so this works offline.
     """
     from sklearn.datasets import load_digits as _load
 
-    x = torch.tensor(_load().images, dtype=torch.float32)
-    return (x / 8 - 1)[:, None]
+    bunch = _load()
+    x = (torch.tensor(bunch.images, dtype=torch.float32) / 8 - 1)[:, None]
+    return (x, torch.as_tensor(bunch.target, dtype=torch.long)) if with_labels else x

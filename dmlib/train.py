@@ -170,10 +170,10 @@ def export_weights(checkpoint, out, **provenance: str) -> Path:
     tensors, meta = load_checkpoint(checkpoint)
     weights = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
     out = Path(out)
-    meta = {"format": "dmlib-weights-v1", "step": meta["step"], "config": meta["config"]} | {
-        k: meta[k] for k in ("model_config",) if k in meta
-    }
-    save_file(weights, str(out), metadata=meta | provenance)
+    kept = {
+        k: meta[k] for k in ("step", "config", "model_config") if k in meta
+    }  # older checkpoints: no model_config
+    save_file(weights, str(out), metadata={"format": "dmlib-weights-v1"} | kept | provenance)
     return out
 
 

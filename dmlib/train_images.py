@@ -92,11 +92,7 @@ def load_config(path) -> dict:
 def load_images(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The training images (uint8, or float in [-1, 1] for the 8x8 digits) and integer labels, on the CPU."""
     if cfg["dataset"] == "digits":
-        from sklearn.datasets import load_digits
-
-        bunch = load_digits()
-        x = torch.tensor(bunch.images, dtype=torch.float32)[:, None] / 8 - 1
-        y = torch.as_tensor(bunch.target, dtype=torch.long)
+        x, y = datasets.load_digits(with_labels=True)
     else:
         x, y = datasets.load_image_dataset(
             cfg["dataset"], "train", root=cfg["root"], download=cfg["download"]
@@ -230,8 +226,8 @@ def run(cfg: dict) -> Path:
         )
         # the same initial weights on every rank (DDP also broadcasts rank 0's)
         torch.manual_seed(config.seed)
-        net = build_net(cfg, prepare(x[:1], cfg, None)[0], num_classes)
-        shape = tuple(prepare(x[:1], cfg, None).shape[1:])
+        image = prepare(x[:1], cfg, None)[0]  # one image as the network sees it
+        net, shape = build_net(cfg, image, num_classes), tuple(image.shape)
 
         def write_grid(step, model, ema):
             save_grid(sample_grid(ema, cfg, shape, num_classes), out / f"samples_{step:07d}.png")

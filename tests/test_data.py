@@ -53,6 +53,8 @@ def test_unknown_names_list_the_choices():
 def test_digits_offline_and_in_range():
     x = data.load_digits()
     assert x.shape == (1797, 1, 8, 8) and x.min() == -1 and x.max() == 1
+    same, y = data.load_digits(with_labels=True)
+    assert torch.equal(same, x) and y.dtype == torch.long and y.tolist()[:3] == [0, 1, 2] and y.max() == 9
 
 
 def _write_idx(path, array, compress=False):
