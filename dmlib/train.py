@@ -101,7 +101,8 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     model: torch.nn.Module  # on the training device, not compiled, not wrapped
-    # exponential moving average of the weights (Polyak & Juditsky 1992): sample with this
+    # exponential moving average of the weights (the decay-0.9999 average of Ho et al. 2020; Polyak &
+    # Juditsky 1992 average the iterates uniformly): sample with this
     ema: torch.nn.Module
     losses: torch.Tensor  # one loss per step (this rank's), on the CPU
     seconds: float  # wall time of this call (not of earlier, resumed-from runs)

@@ -305,3 +305,38 @@ def test_000_eq28_ddim_mean_uses_x_t(n_offset, gen):
         c_x, c_x0 = _ddim_mean_coefs(abar, t, betatilde)
         dmlib_mean, _ = ddpm.posterior(sched, x_t, x0, t / T, (t - 1) / T)
         torch.testing.assert_close(c_x * x_t + c_x0 * x0, dmlib_mean, rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# 000, eq. 52: the score of LSGM's latent marginal is the gradient of the LOG of the integral
+# --------------------------------------------------------------------------------------------------
+
+
+def test_000_eq52_score_is_grad_log_of_the_integral(mixture, gen):
+    """000 (Yang et al.), sec. 5.3.1, eq. 52 prints ``grad log p_t(x) = int p_0t(x_t|x0) p_theta(x0) dz``:
+    the right side is the marginal density itself (a number per point, not a vector) and integrates
+    over ``z``, which is not the variable. Correct (Vahdat et al. 2021, LSGM):
+    ``grad_{x_t} log int p_0t(x_t|x0) p_theta(x0) dx0``. With a Gaussian-mixture prior as
+    ``p_theta(x0)`` the correct form, computed independently by Monte Carlo over ``x0 ~ p_theta`` and
+    autograd through a log-mean-exp, equals the oracle's exact score; the printed integral is the
+    density, and even its gradient ``grad p_t = p_t * score`` is not the score."""
+    sched = get_schedule("cosine")
+    oracle = MixtureOracle(mixture, sched)
+    t = torch.tensor(0.5, dtype=F64)
+    alpha, sigma = sched.alpha(t), sched.sigma(t)
+    x0 = mixture.sample(200_000, generator=gen, dtype=F64)
+    x = oracle.mixture.sample(16, generator=gen, dtype=F64) * alpha  # points where q_t has mass
+    x = x.clone().requires_grad_(True)
+    log_kernel = -((x[:, None, :] - alpha * x0[None]) ** 2).sum(-1) / (2 * sigma**2)  # up to a constant
+    log_marginal = torch.logsumexp(log_kernel, dim=1)  # log int p_0t(x_t | x0) p_theta(x0) dx0 + const
+    (corrected,) = torch.autograd.grad(log_marginal.sum(), x)
+    exact = oracle.score(x.detach(), t)
+    torch.testing.assert_close(corrected, exact, rtol=0.05, atol=0.05)
+    # as printed: the integral is the density p_t(x), shape (B,), not a score of shape (B, D) ...
+    xg = x.detach().clone().requires_grad_(True)
+    density = oracle.log_prob(xg, t).exp()
+    assert density.shape != exact.shape
+    # ... and the closest vector reading, grad of the integral, is p_t * score, far from the score
+    (grad_density,) = torch.autograd.grad(density.sum(), xg)
+    torch.testing.assert_close(grad_density, density[:, None] * exact, rtol=1e-9, atol=1e-12)
+    assert _far(grad_density, exact)
