@@ -1,0 +1,43 @@
+"""House rules every chapter keeps, checked on the chapter sources.
+
+* Code fits the website's code column: a longer line is cut off (scrolled out of sight) on the page.
+* A chapter that is not written yet is only mentioned as planned, never as if a reader could open it.
+"""
+
+import re
+
+import jupytext
+import pytest
+
+from dmlib.course import chapter_paths
+
+# The widest code line the book's code column shows whole at the theme's desktop width.
+CODE_COLUMN = 88
+CHAPTERS = chapter_paths()
+WRITTEN = {int(p.name[:2]) for p in CHAPTERS}
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.name for p in CHAPTERS])
+def test_code_lines_fit_the_code_column(path):
+    long = [
+        f"cell {i}: {line[:60]}... ({len(line)} characters)"
+        for i, cell in enumerate(jupytext.read(path).cells)
+        if cell.cell_type == "code"
+        for line in cell.source.splitlines()
+        if len(line) > CODE_COLUMN
+    ]
+    assert not long, f"{path.name}: code lines over {CODE_COLUMN} characters:\n" + "\n".join(long)
+
+
+def _paragraphs(text: str):
+    return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=[p.name for p in CHAPTERS])
+def test_unwritten_chapters_are_called_planned(path):
+    bad = []
+    for para in _paragraphs(path.read_text()):
+        for m in re.finditer(r"Chapters?\s+(\d+)", para):
+            if int(m.group(1)) not in WRITTEN and "planned" not in para.lower():
+                bad.append(f"{m.group(0)}: {' '.join(para.split())[:100]}...")
+    assert not bad, f"{path.name} refers to unwritten chapters without saying they are planned:\n" + "\n".join(bad)
