@@ -6,10 +6,50 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 NB_DIR := _build/nbtest
 CHAPTERS := $(sort $(wildcard chapters/*.md))
+# The browser tests drive the system's chromium with Playwright: it never downloads a browser.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 # Any change to the library or shipped data invalidates executed chapters in the book's cache.
 LIB_FILES := $(shell find dmlib data -type f \( -name '*.py' -o -name '*.json' -o -name '*.safetensors' \) 2>/dev/null)
 
-.PHONY: install vendor notebooks student book browser test lint unit nbtest fast lab clean
+.PHONY: sysdeps sysdeps-book install vendor notebooks student book browser test lint unit nbtest fast lab clean
+
+# System packages, checked before anything long starts: npm (`make book` vendors the website's
+# JavaScript with it), chromium (the browser tests) and iproute2's `ip` (tests/browser/offline.sh
+# cuts the network with it). What is missing is installed with apt-get when we are root on a
+# Debian/Ubuntu machine; otherwise make stops at once and prints the command to run. Only what is
+# missing is installed: `apt-get install npm chromium` fails on a conflict where npm is present.
+# `test` and `browser` need all three, `book` only npm; both need python3-venv until .venv exists.
+define need_packages
+	@missing=(); \
+	for want in $(1); do \
+	  cmds=$${want%%:*}; found=; \
+	  for c in $${cmds//,/ }; do command -v "$$c" >/dev/null && found=1; done; \
+	  [[ -n $$found ]] || missing+=("$${want##*:}"); \
+	done; \
+	[[ -x $(PY) ]] || python3 -c 'import ensurepip' 2>/dev/null || missing+=(python3-venv); \
+	if (( $${#missing[@]} )); then \
+	  cmd="apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $${missing[*]}"; \
+	  if [[ $$(id -u) == 0 ]] && command -v apt-get >/dev/null; then \
+	    echo "sysdeps: installing $${missing[*]}" >&2; \
+	    bash -c "$$cmd" || { echo "sysdeps: that failed; as root, run: $$cmd" >&2; exit 1; }; \
+	  else \
+	    echo "sysdeps: missing system packages: $${missing[*]}. Install them, then run make again:" >&2; \
+	    echo "    sudo bash -c '$$cmd'" >&2; \
+	    echo "sysdeps: (not Debian/Ubuntu: install Node.js with npm, Chromium and iproute2 your system's way)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+endef
+# Each need is "commands,that,satisfy,it:Debian package". CHROMIUM=/path/to/chrome names another
+# Chromium (tests/browser reads the same variable).
+SYSDEPS_ALL := npm:npm chromium,chromium-browser,$(CHROMIUM):chromium ip:iproute2
+SYSDEPS_BOOK := npm:npm
+
+sysdeps:
+	$(call need_packages,$(SYSDEPS_ALL))
+
+sysdeps-book:
+	$(call need_packages,$(SYSDEPS_BOOK))
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +66,7 @@ install: $(STAMP)
 VENDOR := book/vendor
 VENDOR_OUT := _build/vendor/vendor
 $(VENDOR)/node_modules/.package-lock.json: $(VENDOR)/package.json $(VENDOR)/package-lock.json
-	@command -v npm >/dev/null || { echo "npm is required to vendor the website's JavaScript (apt-get install npm)" >&2; exit 1; }
+	@command -v npm >/dev/null || { echo "npm is required to vendor the website's JavaScript: run make sysdeps-book" >&2; exit 1; }
 	cd $(VENDOR) && npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
@@ -56,15 +96,16 @@ student: $(STAMP)
 	$(PY) -m dmlib.course notebooks _build/student --student
 
 ## book: execute every chapter at DMLIB_PROFILE=cpu and build the website into _build/html
-book: $(STAMP) _build/.lib-stamp $(VENDOR_OUT)/.stamp notebooks
+book: sysdeps-book $(STAMP) _build/.lib-stamp $(VENDOR_OUT)/.stamp notebooks
 	DMLIB_PROFILE=cpu $(VENV)/bin/jupyter-book build . -W --keep-going --all
 
-## browser: open every built page in headless chromium, offline; screenshots in _build/screenshots/
-browser: book
+## browser: open every built page in headless chromium, and run Chapter 1 in JupyterLab, offline;
+## screenshots in _build/screenshots/
+browser: sysdeps book
 	tests/browser/offline.sh $(VENV)/bin/pytest -q -p no:cacheprovider tests/browser
 
 ## test: lint, unit tests, every chapter at DMLIB_PROFILE=test (nbval), the cpu book build, the browser check
-test: $(STAMP)
+test: sysdeps $(STAMP)
 	$(MAKE) lint unit nbtest book browser
 
 lint: $(STAMP)
@@ -84,11 +125,11 @@ fast: $(STAMP)
 	$(VENV)/bin/pytest -n 2 -q -m "not slow" tests --ignore=tests/browser
 	$(MAKE) nbtest
 
-## lab: JupyterLab, where chapters/*.md open as notebooks
+## lab: JupyterLab, where chapters/*.md open as notebooks (Jupytext is the default viewer of .md
+## through binder/overrides.json, which Binder and tests/browser/test_lab.py use too)
 lab: $(STAMP)
 	mkdir -p $(VENV)/share/jupyter/lab/settings
-	echo '{"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"markdown": "Jupytext Notebook", "myst": "Jupytext Notebook"}}}' \
-	  > $(VENV)/share/jupyter/lab/settings/overrides.json
+	cp binder/overrides.json $(VENV)/share/jupyter/lab/settings/overrides.json
 	$(VENV)/bin/jupyter lab chapters
 
 clean:
