@@ -87,7 +87,7 @@ def diffusers_unet(args, target_params: int):
 
 
 def loss_on(schedule):
-    return lambda model, batch, g: ddpm.simple_loss(model, batch, schedule, generator=g)
+    return ddpm.simple_loss(schedule)
 
 
 def autocast(args):

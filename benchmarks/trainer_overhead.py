@@ -33,7 +33,7 @@ def bare_loop(data, steps, batch, schedule, same_work):
     tic = time.perf_counter()
     for step in range(steps):
         idx = torch.randint(0, data.shape[0], (batch,), generator=g)
-        loss = ddpm.simple_loss(model, data[idx], schedule, generator=g)
+        loss = ddpm.simple_loss(schedule)(model, data[idx], g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if same_work:
@@ -49,7 +49,7 @@ def bare_loop(data, steps, batch, schedule, same_work):
 def dmlib_loop(data, steps, batch, schedule):
     torch.manual_seed(0)
     config = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, progress=False, device="cpu")
-    result = train(MLP(), data, lambda m, b, g: ddpm.simple_loss(m, b, schedule, generator=g), config)
+    result = train(MLP(), data, ddpm.simple_loss(schedule), config)
     return steps / result.seconds
 
 

@@ -30,7 +30,7 @@ def main():
         **SPEC["train_config"], checkpoint=str(HERE / "cache" / "ddpm_digits_unet16.ckpt.safetensors")
     )
     net = UNet(**SPEC["unet"])
-    train(net, load_digits(), lambda m, b, g: ddpm.simple_loss(m, b, schedule, generator=g), config)
+    train(net, load_digits(), ddpm.simple_loss(schedule), config)
     rev = subprocess.run(
         ["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True, cwd=HERE
     )

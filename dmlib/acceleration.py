@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from .ddpm import _posterior_coefficients, check_timesteps, gaussian_kl, gaussian_nll, q_sample
 from .parameterization import Denoiser, _col, noise_like
-from .samplers import sample_ddim, time_grid
+from .samplers import ddim_step, sample_ddim, time_grid
 from .schedules import Schedule, as_time
 from .train import TrainConfig, train
 
@@ -201,20 +201,13 @@ def sample_truncated(
 # ---------------------------------------------------------------------------------------------
 
 
-def _ddim_step(denoiser: Denoiser, x, t, s):
-    """Deterministic DDIM from t to s (times scalar or per sample): ``alpha_s x0 + sigma_s eps``."""
-    x0, eps = denoiser.x0_eps(x, t)
-    s = as_time(s, like=x)
-    return _col(denoiser.schedule.alpha(s), x) * x0 + _col(denoiser.schedule.sigma(s), x) * eps
-
-
 def distillation_target(teacher: Denoiser, x_t, t, t_mid, s) -> torch.Tensor:
     """The student's x0 target (Salimans & Ho 2022, Algorithm 2): two teacher DDIM steps
     ``t -> t_mid -> s`` give ``x_s``; the ``x~`` whose single DDIM step ``t -> s`` lands there is
     ``x~ = (x_s - (sigma_s / sigma_t) x_t) / (alpha_s - (sigma_s / sigma_t) alpha_t)``."""
     sched = teacher.schedule
     t, s = as_time(t, like=x_t), as_time(s, like=x_t)
-    x_s = _ddim_step(teacher, _ddim_step(teacher, x_t, t, t_mid), t_mid, s)
+    x_s = ddim_step(teacher, ddim_step(teacher, x_t, t, t_mid), t_mid, s)
     ratio = sched.sigma(s) / sched.sigma(t)  # alpha_s - ratio alpha_t > 0: the log-SNR falls from s to t
     return (x_s - _col(ratio, x_t) * x_t) / _col(sched.alpha(s) - ratio * sched.alpha(t), x_t)
 
@@ -231,21 +224,29 @@ def _nested_grids(schedule: Schedule, n_student_steps: int, kind: str):
 
 
 def progressive_distillation_loss(
-    student: Denoiser, teacher: Denoiser, x0, n_student_steps: int, *, grid: str = "uniform", generator=None
-) -> torch.Tensor:
-    """Algorithm 2 of Salimans & Ho (2022): ``t = grid[i]`` on the student's N-step grid, ``x_t ~ q``, and
+    teacher: Denoiser, n_student_steps: int, *, prediction: str = "v", grid: str = "uniform"
+) -> Callable:
+    """Algorithm 2 of Salimans & Ho (2022), as a loss function ``loss(model, x0, generator=None)`` of
+    the student network (read through ``Denoiser(model, teacher.schedule, prediction)``) for
+    :func:`dmlib.train.train`: ``t = grid[i]`` on the student's N-step grid, ``x_t ~ q``, and
     ``max(SNR_t, 1) ||x~ - x0_hat||^2``, the "truncated SNR" weighting of their sec. 4 (equal to
     ``max(||x0 - x0_hat||^2, ||eps - eps_hat||^2)``): without the floor the weight vanishes at t = 1,
     where a one-step student must do the most work."""
     ts, mids = _nested_grids(teacher.schedule, n_student_steps, grid)
-    i = torch.randint(0, n_student_steps, (x0.shape[0],), generator=generator, device=x0.device)
-    t, t_mid, s = (v.to(x0.device)[i].to(x0.dtype) for v in (ts[:-1], mids, ts[1:]))
-    noise = noise_like(x0, generator)
-    x_t = q_sample(teacher.schedule, x0, t, noise)
-    with torch.no_grad():
-        target = distillation_target(teacher, x_t, t, t_mid, s)
-    weight = teacher.schedule.snr(t).clamp(min=1.0)
-    return (_col(weight, x0) * (student.x0(x_t, t) - target) ** 2).flatten(1).sum(1).mean()
+    Denoiser(None, teacher.schedule, prediction)  # a clear error for an unknown prediction, now
+
+    def loss(model, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        student = Denoiser(model, teacher.schedule, prediction)
+        i = torch.randint(0, n_student_steps, (x0.shape[0],), generator=generator, device=x0.device)
+        t, t_mid, s = (v.to(x0.device)[i].to(x0.dtype) for v in (ts[:-1], mids, ts[1:]))
+        noise = noise_like(x0, generator)
+        x_t = q_sample(teacher.schedule, x0, t, noise)
+        with torch.no_grad():
+            target = distillation_target(teacher, x_t, t, t_mid, s)
+        weight = teacher.schedule.snr(t).clamp(min=1.0)
+        return (_col(weight, x0) * (student.x0(x_t, t) - target) ** 2).flatten(1).sum(1).mean()
+
+    return loss
 
 
 class DistillRound(NamedTuple):
@@ -290,11 +291,7 @@ def distill(
     for r in range(int(rounds)):
         n //= 2
 
-        def loss_fn(net, batch, generator, n=n, teacher=teacher):
-            return progressive_distillation_loss(
-                Denoiser(net, teacher.schedule, prediction), teacher, batch, n, grid=grid, generator=generator
-            )
-
+        loss_fn = progressive_distillation_loss(teacher, n, prediction=prediction, grid=grid)
         res = train(model, data, loss_fn, replace(base, steps=int(per_round[r]), seed=base.seed + r))
         out.append(DistillRound(n, res.ema, res.losses, res.seconds))
         teacher = Denoiser(res.ema, teacher.schedule, prediction)
@@ -341,25 +338,30 @@ class ConsistencyFunction(nn.Module):
 
 
 def consistency_distillation_loss(
-    model: ConsistencyFunction, target: Callable, teacher: Denoiser, x0, timesteps, *, generator=None
-) -> torch.Tensor:
-    """Song et al. (2023), Algorithm 2 with the squared L2 metric and weight 1: for a random pair of
-    neighbours ``t > s`` of ``timesteps`` (decreasing, ending at ``model.t_min``), ``x_t ~ q(x_t | x_0)``,
-    one teacher DDIM step (= Euler on the PF-ODE in EDM form) gives ``x^_s``, and the loss is
-    ``||model(x_t, t) - target(x^_s, s)||^2``. ``target`` is the EMA network ``theta^-`` (under no_grad);
-    Song & Dhariwal (2023, sec. 3.2) show that ``theta^- = theta`` (the model itself) works as well.
+    teacher: Denoiser, timesteps, *, target: Callable | None = None
+) -> Callable:
+    """Song et al. (2023), Algorithm 2 with the squared L2 metric and weight 1, as a loss function
+    ``loss(model, x0, generator=None)`` of a :class:`ConsistencyFunction` for
+    :func:`dmlib.train.train`: for a random pair of neighbours ``t > s`` of ``timesteps``
+    (decreasing, ending at ``model.t_min``), ``x_t ~ q(x_t | x_0)``, one teacher DDIM step (= Euler
+    on the PF-ODE in EDM form) gives ``x^_s``, and the loss is ``||model(x_t, t) - target(x^_s, s)||^2``.
+    ``target`` is the EMA network ``theta^-`` (under no_grad); ``None`` uses the model itself,
+    ``theta^- = theta``, which Song & Dhariwal (2023, sec. 3.2) show works as well.
     """
     ts = check_timesteps(timesteps)
-    if abs(ts[-1].item() - getattr(model, "t_min", ts[-1].item())) > 1e-12:
-        raise ValueError(f"timesteps must end at the consistency function's t_min = {model.t_min}.")
-    ts = ts.to(x0.device)
-    i = torch.randint(0, ts.numel() - 1, (x0.shape[0],), generator=generator, device=x0.device)
-    t, s = ts[i].to(x0.dtype), ts[i + 1].to(x0.dtype)
-    noise = noise_like(x0, generator)
-    x_t = q_sample(teacher.schedule, x0, t, noise)
-    with torch.no_grad():
-        goal = target(_ddim_step(teacher, x_t, t, s), s)
-    return ((model(x_t, t) - goal) ** 2).flatten(1).sum(1).mean()
+
+    def loss(model, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        if abs(ts[-1].item() - getattr(model, "t_min", ts[-1].item())) > 1e-12:
+            raise ValueError(f"timesteps must end at the consistency function's t_min = {model.t_min}.")
+        grid = ts.to(x0.device)
+        i = torch.randint(0, grid.numel() - 1, (x0.shape[0],), generator=generator, device=x0.device)
+        t, s = grid[i].to(x0.dtype), grid[i + 1].to(x0.dtype)
+        x_t = q_sample(teacher.schedule, x0, t, noise_like(x0, generator))
+        with torch.no_grad():
+            goal = (model if target is None else target)(ddim_step(teacher, x_t, t, s), s)
+        return ((model(x_t, t) - goal) ** 2).flatten(1).sum(1).mean()
+
+    return loss
 
 
 @torch.no_grad()

@@ -78,21 +78,22 @@ def _spirals(n, g):
     return x + 0.05 * torch.randn(n, 2, generator=g)
 
 
-SAMPLERS = {
+# toy sets defined by a sampling function (no closed-form density), beside the MIXTURES above
+SAMPLED_TOYS = {
     "swiss_roll": _swiss_roll,
     "two_moons": _two_moons,
     "checkerboard": _checkerboard,
     "spirals": _spirals,
 }
-TOY_DATASETS = tuple(MIXTURES) + tuple(SAMPLERS)
+TOY_DATASETS = tuple(MIXTURES) + tuple(SAMPLED_TOYS)
 
 
 def make_toy(name: str, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` samples, shape (n, 2), float32, from the toy set ``name`` (see ``TOY_DATASETS``)."""
     if name in MIXTURES:
         return MIXTURES[name]().sample(n, generator)
-    if name in SAMPLERS:
-        return SAMPLERS[name](n, generator).float()
+    if name in SAMPLED_TOYS:
+        return SAMPLED_TOYS[name](n, generator).float()
     raise ValueError(f"unknown toy dataset {name!r}; choose one of {', '.join(TOY_DATASETS)}.")
 
 

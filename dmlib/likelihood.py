@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ddpm import (
+from .ddpm import (  # noqa: F401  (variance_table re-exported: Chapter 4 reads it here)
+    _grid,
     _posterior_coefficients,
     gaussian_kl,
     gaussian_nll,
-    posterior,
     q_sample,
-    reverse_variance,
+    variance_table,
+    vlb_terms,
 )
 from .nets.mlp import MLP
 from .parameterization import Denoiser, _col, noise_like
@@ -149,28 +150,6 @@ class VLB:
         return self.terms.sum(1)
 
 
-def _grid(T) -> torch.Tensor:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
-        raise ValueError(f"T must be a positive integer number of steps; got {T!r}.")
-    return torch.arange(int(T) + 1, dtype=torch.float64) / T
-
-
-def variance_table(schedule: Schedule, T: int, kind: str) -> torch.Tensor:
-    """Fixed reverse variances, shape ``(T + 1,)``: entry ``i`` is the variance of ``p(x_{i-1} | x_i)``.
-
-    ``kind="beta"`` gives ``beta_i`` (the upper bound on the reverse entropy) and ``"betatilde"`` gives
-    ``betatilde_i`` (the lower one; Ho et al. 2020, sec. 3.2). Since ``betatilde_1 = 0``, both use
-    ``beta_1`` for the decoder ``p(x_0 | x_1)``, as :func:`dmlib.ddpm.vlb_terms` does. Entry 0 is unused (0).
-    """
-    if kind not in ("beta", "betatilde"):
-        raise ValueError(f"unknown fixed variance {kind!r}; choose 'beta' or 'betatilde'.")
-    grid = _grid(T)
-    out = torch.zeros(T + 1, dtype=torch.float64)
-    out[1:] = reverse_variance(schedule, grid[1:], grid[:-1], "beta" if kind == "beta" else "posterior")
-    out[1] = reverse_variance(schedule, grid[1], grid[0], "beta")
-    return out
-
-
 def _chain_tables(schedule: Schedule, T: int) -> dict[str, torch.Tensor]:
     """Per-step coefficients of the ``T``-step chain in float64, indexed by ``i = 1..T`` (entry 0 unused):
     the marginal ``alpha_i, sigma_i``; the posterior of eq. 7 (``coef_x0``, ``coef_xt``, ``var_q``); the
@@ -252,38 +231,30 @@ def discrete_vlb(
     """
     sched = denoiser.schedule
     _check_data_at_zero(sched)
-    grid = _grid(T)
-    learned = callable(variance) and not torch.is_tensor(variance)
+    _grid(T)
     if isinstance(variance, str):
         table = variance_table(sched, T, variance)
     elif torch.is_tensor(variance):
         table = variance.to(torch.float64)  # on any device: only table[i] meets the data
         if table.shape != (T + 1,) or (~(table[1:] > 0)).any():
             raise ValueError(f"a variance tensor must have shape ({T + 1},) and positive entries 1..T.")
-    elif not learned:
+    elif callable(variance):
+        tab, grid = _chain_tables(sched, T), _grid(T)
+
+        def table(x_t, i):  # eq. 15: Sigma = exp(v log beta + (1 - v) log betatilde)
+            v = variance(x_t, grid[i].to(x0.dtype))
+            return torch.exp(v * tab["log_beta"][i].to(v) + (1 - v) * tab["log_betatilde"][i].to(v))
+
+    else:
         raise ValueError(
             f"variance must be 'beta', 'betatilde', a ({T + 1},) tensor or a callable v(x_t, t)."
         )
     _decoder_nll(decoder, x0[:0], x0[:0], 1.0, bins)  # a clear error for a bad decoder before any work
-    tab = _chain_tables(sched, T) if learned else None
-    terms = []
-    for i in range(1, T + 1):  # step from t = i/T to s = (i-1)/T, noise drawn as in ddpm.vlb_terms
-        t, s = grid[i], grid[i - 1]
-        noise = noise_like(x0, generator)
-        x_t = q_sample(sched, x0, t.to(x0.dtype), noise)
-        mean_p, _ = posterior(sched, x_t, denoiser.x0(x_t, t.to(x0.dtype)), t, s)
-        if learned:
-            v = variance(x_t, t.to(x0.dtype))
-            var = torch.exp(v * tab["log_beta"][i].to(v) + (1 - v) * tab["log_betatilde"][i].to(v))
-        else:
-            var = table[i].to(x0.dtype)
-        if i == 1:
-            terms.append(_decoder_nll(decoder, x0, mean_p, var, bins))
-        else:
-            mean_q, var_q = posterior(sched, x_t, x0, t, s)
-            terms.append(gaussian_kl(mean_q, var_q, mean_p, var))
-    terms.append(prior_kl(sched, x0))
-    return VLB(torch.stack(terms, dim=1))
+
+    def decoder_nll(x, mean, var):
+        return _decoder_nll(decoder, x, mean, var, bins)
+
+    return VLB(vlb_terms(denoiser, x0, T, variance=table, decoder_nll=decoder_nll, generator=generator))
 
 
 @torch.no_grad()
@@ -373,17 +344,11 @@ class LearnedVarianceMLP(nn.Module):
 
 
 def hybrid_loss(
-    model: LearnedVarianceMLP,
-    x0: torch.Tensor,
-    schedule: Schedule,
-    T: int,
-    *,
-    lam: float = 1e-3,
-    decoder: str = "gaussian",
-    bins: int = 256,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``L_hybrid = L_simple + lam L_vlb`` (Nichol & Dhariwal 2021, eq. 16, ``lam = 0.001``).
+    schedule: Schedule, T: int, *, lam: float = 1e-3, decoder: str = "gaussian", bins: int = 256
+) -> Callable:
+    """``L_hybrid = L_simple + lam L_vlb`` (Nichol & Dhariwal 2021, eq. 16, ``lam = 0.001``), as a
+    loss function ``loss(model, x0, generator=None)`` of a :class:`LearnedVarianceMLP` for
+    :func:`dmlib.train.train`.
 
     One step ``i ~ U{1..T}`` per sample: ``L_simple`` is the mean squared noise error and ``L_vlb``
     is ``T`` times that step's term (an unbiased estimate of the sum), with the mean computed from a
@@ -394,7 +359,17 @@ def hybrid_loss(
     ``alpha_{T|T-1}``, about 1e-3 at ``T = 20``, so the ``L_vlb`` term of an imperfect ``eps`` explodes
     (iDDPM trains cosine with ``T = 4000``). The linear schedule is safe at ``T = 10``.
     """
-    tab = {k: v.to(x0.device, x0.dtype) for k, v in _chain_tables(schedule, T).items()}
+    _grid(T)
+    _decoder_nll(decoder, torch.zeros(0, 1), torch.zeros(0, 1), 1.0, bins)  # a clear error now
+
+    def loss(model: LearnedVarianceMLP, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        return _hybrid(model, x0, _chain_tables(schedule, T), T, lam, decoder, bins, generator)
+
+    return loss
+
+
+def _hybrid(model, x0, tables, T, lam, decoder, bins, generator):
+    tab = {k: v.to(x0.device, x0.dtype) for k, v in tables.items()}
     i = torch.randint(1, T + 1, x0.shape[:1], generator=generator, device=x0.device)
 
     def col(name):

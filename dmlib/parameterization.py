@@ -85,6 +85,8 @@ class Denoiser:
             raise ValueError(
                 f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}."
             )
+        if clip_x0 is not None and not (len(clip_x0) == 2 and clip_x0[0] < clip_x0[1]):
+            raise ValueError(f"clip_x0 must be a range (lo, hi) with lo < hi, e.g. (-1, 1); got {clip_x0!r}.")
         self.model, self.schedule, self.prediction, self.clip_x0 = model, schedule, prediction, clip_x0
 
     def x0_eps(self, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +96,14 @@ class Denoiser:
         if t.ndim != 0 and t.shape != x_t.shape[:1]:
             raise ValueError(f"t must be a scalar or have shape ({x_t.shape[0]},); got {tuple(t.shape)}.")
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
-        x0, eps = to_x0_eps(self.model(x_t, t), self.prediction, x_t, alpha, sigma)
+        pred = self.model(x_t, t)
+        if not torch.is_tensor(pred) or pred.shape != x_t.shape:
+            got = tuple(pred.shape) if torch.is_tensor(pred) else type(pred).__name__
+            raise ValueError(
+                f"the model must return a {self.prediction} prediction of x's shape {tuple(x_t.shape)}; "
+                f"got {got}. (A network with extra outputs, e.g. a learned variance, needs a wrapper.)"
+            )
+        x0, eps = to_x0_eps(pred, self.prediction, x_t, alpha, sigma)
         if self.clip_x0 is not None:
             x0 = x0.clamp(*self.clip_x0)
             eps = (x_t - _col(alpha, x_t) * x0) / _col(sigma, x_t)

@@ -11,15 +11,18 @@ and returns the final ``x``. ``timesteps`` runs strictly downwards inside [0, 1]
 
 Two conventions to keep in mind while reading the papers beside this file:
 
-* this repository's log-SNR is ``log(alpha^2 / sigma^2)``; DPM-Solver's ``lambda = log(alpha / sigma)``
-  is half of it;
-* EDM's noise level is ``rho = sigma / alpha = exp(-log-SNR / 2)`` and its state is ``y = x / alpha``;
-  in those variables the probability-flow ODE is ``dy / drho = eps(x, t)`` (Karras et al. 2022, eq. 4
-  with ``s(t) = 1``; Song, Meng & Ermon 2021, eq. 14).
+* this repository's log-SNR is ``lambda = log(alpha^2 / sigma^2)``; DPM-Solver's time variable
+  (Lu et al. write it ``lambda``) is the half log-SNR ``ell = log(alpha / sigma) = lambda / 2``, and
+  a step is ``h = ell_s - ell_t``;
+* EDM's noise level (Karras et al. write it ``sigma``) is ``nu = sigma / alpha = exp(-lambda / 2)``
+  and its state is ``y = x / alpha``; in those variables the probability-flow ODE is
+  ``dy / dnu = eps(x, t)`` (Karras et al. 2022, eq. 4 with ``s(t) = 1``; Song, Meng & Ermon 2021,
+  eq. 14). ``rho`` is only the exponent of EDM's time grid (:func:`time_grid`).
 
 A step that ends where ``sigma = 0`` (the data end of VP and sub-VP) cannot use the ODE there (the
 score is infinite); every fixed-grid sampler makes it the denoising step ``x = alpha(0) E[x_0 | x_t]``
-(Tweedie's formula), which is what DDIM and DPM-Solver-1 give by themselves and what DPM-Solver++
+(Tweedie's formula; the one last-step rule of :func:`dmlib.ddpm.run_steps`, which every sampler of
+the library shares), which is what DDIM and DPM-Solver-1 give by themselves and what DPM-Solver++
 and k-diffusion do for their last step. It costs one network evaluation (NFE) whatever the order, so
 a grid ending at 0 costs ``k (N - 1) + 1`` evaluations for a k-stage method (:func:`nfe`).
 """
@@ -35,9 +38,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .ddpm import check_timesteps, q_sample
+from .ddpm import check_start, check_timesteps, q_sample, run_steps
 from .parameterization import Denoiser, _col, noise_like
 from .schedules import Schedule, as_time
+from .sde import reverse_drift
 
 GRIDS = ("uniform", "quadratic", "logsnr", "edm")
 
@@ -50,15 +54,15 @@ def _f64(t) -> torch.Tensor:
 class _Grid:
     """A checked time grid and the schedule read on it once, in float64 (Python floats for the formulas).
 
-    ``lam`` is DPM-Solver's ``lambda = log(alpha / sigma)``, half of this repository's log-SNR
-    (+inf where sigma = 0); ``rho = sigma / alpha`` is EDM's noise level.
+    ``half_log_snr`` is DPM-Solver's time variable ``ell = log(alpha / sigma)``, half of this
+    repository's log-SNR (+inf where sigma = 0); ``nu = sigma / alpha`` is EDM's noise level.
     """
 
     t: torch.Tensor
     alpha: list[float]
     sigma: list[float]
-    lam: list[float]
-    rho: list[float]
+    half_log_snr: list[float]
+    nu: list[float]
 
     @classmethod
     def build(cls, schedule: Schedule, timesteps) -> _Grid:
@@ -86,7 +90,8 @@ def time_grid(
     ``"uniform"``: equal steps in t. ``"quadratic"``: ``t_i = t_min + (t_max - t_min) (i / N)^2``, the
     continuous form of DDIM's quadratic sub-sequence (Song, Meng & Ermon 2021, appendix D.2).
     ``"logsnr"``: equal steps in log-SNR (Lu et al. 2022, sec. 3.3). ``"edm"``: Karras et al. (2022)
-    eq. 5 on ``rho = sigma / alpha``, ``rho_i = (rho_max^(1/r) + i/N (rho_min^(1/r) - rho_max^(1/r)))^r``.
+    eq. 5 on EDM's noise level ``nu = sigma / alpha`` with exponent ``rho`` (7 in their paper),
+    ``nu_i = (nu_max^(1/rho) + i/N (nu_min^(1/rho) - nu_max^(1/rho)))^rho``.
 
     The last two need a finite log-SNR at both ends. If ``sigma(t_min) = 0`` they space ``n_steps - 1``
     steps down to ``t_eps`` (1e-3, the end time of Song et al. 2021 and Lu et al. 2022) and append
@@ -120,29 +125,13 @@ def time_grid(
     if kind == "logsnr":
         lam = lam_lo + i * (lam_hi - lam_lo)
     else:
-        r_max, r_min = (-lam_lo / 2).exp(), (-lam_hi / 2).exp()
-        lam = -2 * torch.log((r_max ** (1 / rho) + i * (r_min ** (1 / rho) - r_max ** (1 / rho))) ** rho)
+        nu_max, nu_min = (-lam_lo / 2).exp(), (-lam_hi / 2).exp()
+        lam = -2 * torch.log((nu_max ** (1 / rho) + i * (nu_min ** (1 / rho) - nu_max ** (1 / rho))) ** rho)
     ts = schedule.t_from_log_snr(lam)
     ts[0], ts[-1] = t_max, end  # the bisection is exact to ~1e-16; pin the ends exactly
     if append_zero:
         ts = torch.cat([ts, ts.new_full((1,), t_min)])
     return check_timesteps(ts)
-
-
-def _loop(step: Callable, denoiser: Denoiser, x_T, grid: _Grid, desc, progress, callback):
-    """The loop shared by the fixed-grid samplers: ``x <- step(i, x)`` from ``grid.t[i]`` to ``grid.t[i + 1]``;
-    a step to ``sigma = 0`` is the denoising step ``alpha E[x_0 | x_t]`` (see the module docstring)."""
-    x = x_T
-    if callback is not None:
-        callback(0, grid.t[0], x)
-    for i in tqdm(range(grid.steps), disable=not progress, desc=desc):
-        if grid.sigma[i + 1] == 0:
-            x = grid.alpha[i + 1] * denoiser.x0(x, grid.t[i].to(x.dtype))
-        else:
-            x = step(i, x)
-        if callback is not None:
-            callback(i + 1, grid.t[i + 1], x)
-    return x
 
 
 def _min_steps(grid: _Grid, need: int, what: str):
@@ -153,47 +142,56 @@ def _min_steps(grid: _Grid, need: int, what: str):
         )
 
 
+def ddim_step(denoiser: Denoiser, x, t, s, *, eta: float = 0.0, generator=None) -> torch.Tensor:
+    """One DDIM step from ``t`` down to ``s`` (scalars or one time per sample; Song, Meng & Ermon
+    2021, eq. 12), for any schedule: ``x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z``
+    with ``c^2 = eta^2 sigma_s^2 (1 - e^{lambda_t - lambda_s})``, which is eq. 16's
+    ``eta^2 (1 - abar_s)/(1 - abar_t) (1 - abar_t / abar_s)`` for a VP schedule: the variance of
+    ``q(x_s | x_t, x_0)``. ``eta = 0`` is deterministic; no noise is added on a step to ``s = 0``.
+    The coefficients are computed in float64."""
+    t64, s64 = as_time(t).to(torch.float64), as_time(s).to(torch.float64)
+    x0, eps = denoiser.x0_eps(x, torch.as_tensor(t).to(device=x.device, dtype=x.dtype))
+    sched = denoiser.schedule
+    a_s, sig_s = sched.alpha(s64), sched.sigma(s64)
+    if eta == 0:
+        return _col(a_s, x) * x0 + _col(sig_s, x) * eps
+    c2 = eta**2 * sig_s**2 * -torch.expm1(sched.log_snr(t64) - sched.log_snr(s64))
+    x = _col(a_s, x) * x0 + _col((sig_s**2 - c2).clamp(min=0).sqrt(), x) * eps
+    return x + _col(torch.where(s64 > 0, c2.sqrt(), 0.0), x) * noise_like(x, generator)
+
+
 @torch.no_grad()
 def sample_ddim(
     denoiser, x_T, timesteps, *, eta: float = 0.0, generator=None, progress=False, callback=None
 ) -> torch.Tensor:
-    """DDIM (Song, Meng & Ermon 2021, eq. 12), for any schedule:
-    ``x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z`` with
-    ``c^2 = eta^2 sigma_s^2 (1 - e^{2 (lambda_t - lambda_s)})``, which is eq. 16's
-    ``eta^2 (1 - abar_s)/(1 - abar_t) (1 - abar_t / abar_s)`` for a VP schedule: the variance of
-    ``q(x_s | x_t, x_0)``. ``eta = 0`` is deterministic; ``eta = 1`` is ancestral DDPM with variance
-    ``betatilde``. As in :func:`dmlib.ddpm.sample_ancestral`, no noise is added on the step to t = 0.
+    """DDIM (Song, Meng & Ermon 2021, eq. 12): :func:`ddim_step` along ``timesteps``. ``eta = 0`` is
+    deterministic; ``eta = 1`` is ancestral DDPM with variance ``Sigma = betatilde``. As in
+    :func:`dmlib.ddpm.sample_ancestral`, no noise is added on the step to t = 0.
     """
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM); got {eta}.")
-    grid = _Grid.build(denoiser.schedule, timesteps)
+    ts = check_timesteps(timesteps)
 
     def step(i, x):
-        x0, eps = denoiser.x0_eps(x, grid.t[i].to(x.dtype))
-        a_s, sig_s = grid.alpha[i + 1], grid.sigma[i + 1]
-        c2 = eta**2 * sig_s**2 * -math.expm1(2 * (grid.lam[i] - grid.lam[i + 1]))
-        x = a_s * x0 + math.sqrt(max(sig_s**2 - c2, 0.0)) * eps
-        if c2 > 0 and grid.t[i + 1] > 0:
-            x = x + math.sqrt(c2) * noise_like(x, generator)
-        return x
+        return ddim_step(denoiser, x, ts[i], ts[i + 1], eta=eta, generator=generator)
 
-    return _loop(step, denoiser, x_T, grid, f"DDIM (eta={eta})", progress, callback)
+    return run_steps(step, denoiser, x_T, ts, f"DDIM (eta={eta})", progress, callback)
 
 
 @torch.no_grad()
 def sample_euler(denoiser, x_T, timesteps, *, generator=None, progress=False, callback=None) -> torch.Tensor:
     """Euler's method on the probability-flow ODE in EDM form (Karras et al. 2022, Algorithm 1 without
-    its line 6): with ``y = x / alpha`` and ``rho = sigma / alpha``, ``dy / drho = (y - D) / rho``,
+    its line 6): with ``y = x / alpha`` and ``nu = sigma / alpha``, ``dy / dnu = (y - D) / nu``,
     ``D = E[x_0 | x_t]`` (their eq. 4 with ``sigma(t) = t``, ``s(t) = 1``). In these variables it is
     exactly deterministic DDIM (Karras et al. 2022, sec. 3; a test checks it)."""
     grid = _Grid.build(denoiser.schedule, timesteps)
 
     def step(i, x):
         y = x / grid.alpha[i]
-        d = (y - denoiser.x0(x, grid.t[i].to(x.dtype))) / grid.rho[i]
-        return grid.alpha[i + 1] * (y + (grid.rho[i + 1] - grid.rho[i]) * d)
+        d = (y - denoiser.x0(x, grid.t[i].to(x.dtype))) / grid.nu[i]
+        return grid.alpha[i + 1] * (y + (grid.nu[i + 1] - grid.nu[i]) * d)
 
-    return _loop(step, denoiser, x_T, grid, "Euler (EDM form)", progress, callback)
+    return run_steps(step, denoiser, x_T, grid.t, "Euler (EDM form)", progress, callback)
 
 
 @torch.no_grad()
@@ -213,10 +211,10 @@ def sample_heun(
     """Heun's method in EDM form (Karras et al. 2022, Algorithm 1; with ``s_churn > 0``, the stochastic
     Algorithm 2). Two evaluations per step; the last step to ``sigma = 0`` is Euler's (one evaluation).
 
-    Churn: where ``s_tmin <= rho_t <= s_tmax``, first raise the noise level to
-    ``rho_hat = rho_t (1 + gamma)``, ``gamma = min(s_churn / N, sqrt(2) - 1)``, by adding fresh noise of
-    variance ``(rho_hat^2 - rho_t^2) s_noise^2`` to ``y``, then take the Heun step from ``rho_hat``.
-    ``rho_hat`` is capped at ``rho(1)``: the denoiser is not defined beyond the schedule's end.
+    Churn: where ``s_tmin <= nu_t <= s_tmax``, first raise the noise level to
+    ``nu_hat = nu_t (1 + gamma)``, ``gamma = min(s_churn / N, sqrt(2) - 1)``, by adding fresh noise of
+    variance ``(nu_hat^2 - nu_t^2) s_noise^2`` to ``y``, then take the Heun step from ``nu_hat``.
+    ``nu_hat`` is capped at ``nu(1)``: the denoiser is not defined beyond the schedule's end.
     """
     if s_churn < 0 or s_noise <= 0 or s_tmin > s_tmax:
         raise ValueError(
@@ -226,51 +224,51 @@ def sample_heun(
     sched = denoiser.schedule
     grid = _Grid.build(sched, timesteps)
     gamma = min(s_churn / grid.steps, math.sqrt(2) - 1)
-    r_top = (sched.sigma(_f64(1.0)) / sched.alpha(_f64(1.0))).item()
-    r_hat = [min(r * (1 + gamma), r_top) if gamma > 0 and s_tmin <= r <= s_tmax else r for r in grid.rho]
-    t_hat = sched.t_from_log_snr(-2 * torch.log(_f64(r_hat)))  # the times of the raised noise levels
+    nu_top = (sched.sigma(_f64(1.0)) / sched.alpha(_f64(1.0))).item()
+    nu_hat = [min(n * (1 + gamma), nu_top) if gamma > 0 and s_tmin <= n <= s_tmax else n for n in grid.nu]
+    t_hat = sched.t_from_log_snr(-2 * torch.log(_f64(nu_hat)))  # the times of the raised noise levels
     a_hat = sched.alpha(t_hat).tolist()
 
     def denoise(y, t, a):  # D at x = a y: the denoiser sees x, not y
         return denoiser.x0(a * y, t.to(y.dtype))
 
     def step(i, x):
-        y, t, a, r, r_s = x / grid.alpha[i], grid.t[i], grid.alpha[i], grid.rho[i], grid.rho[i + 1]
-        if r_hat[i] > r:
+        y, t, a, nu, nu_s = x / grid.alpha[i], grid.t[i], grid.alpha[i], grid.nu[i], grid.nu[i + 1]
+        if nu_hat[i] > nu:
             z = noise_like(y, generator)
-            y = y + math.sqrt(r_hat[i] ** 2 - r**2) * s_noise * z
-            t, a, r = t_hat[i], a_hat[i], r_hat[i]
-        d = (y - denoise(y, t, a)) / r
-        y_euler = y + (r_s - r) * d
-        d_s = (y_euler - denoise(y_euler, grid.t[i + 1], grid.alpha[i + 1])) / r_s
-        return grid.alpha[i + 1] * (y + (r_s - r) * (d + d_s) / 2)
+            y = y + math.sqrt(nu_hat[i] ** 2 - nu**2) * s_noise * z
+            t, a, nu = t_hat[i], a_hat[i], nu_hat[i]
+        d = (y - denoise(y, t, a)) / nu
+        y_euler = y + (nu_s - nu) * d
+        d_s = (y_euler - denoise(y_euler, grid.t[i + 1], grid.alpha[i + 1])) / nu_s
+        return grid.alpha[i + 1] * (y + (nu_s - nu) * (d + d_s) / 2)
 
-    return _loop(step, denoiser, x_T, grid, "Heun (EDM form)", progress, callback)
+    return run_steps(step, denoiser, x_T, grid.t, "Heun (EDM form)", progress, callback)
 
 
 @torch.no_grad()
 def sample_dpm_solver(
     denoiser, x_T, timesteps, *, order: int = 2, generator=None, progress=False, callback=None
 ) -> torch.Tensor:
-    """Singlestep DPM-Solver (Lu et al. 2022) with noise prediction, ``h = lambda_s - lambda_t``,
-    ``lambda = log(alpha / sigma)``; each step uses ``order`` evaluations.
+    """Singlestep DPM-Solver (Lu et al. 2022) with noise prediction, ``h = ell_s - ell_t`` in the half
+    log-SNR ``ell = log(alpha / sigma)`` (their ``lambda``); each step uses ``order`` evaluations.
 
     order 1 (eq. 3.7; = DDIM): ``x_s = (alpha_s / alpha_t) x_t - sigma_s (e^h - 1) eps_t``.
-    order 2 (Algorithm 1, r1 = 1/2): an order-1 step to ``lambda_t + r1 h`` gives ``eps_1``; then
+    order 2 (Algorithm 1, r1 = 1/2): an order-1 step to ``ell_t + r1 h`` gives ``eps_1``; then
     ``x_s = ... - sigma_s / (2 r1) (e^h - 1) (eps_1 - eps_t)``.
-    order 3 (Algorithm 2, r1 = 1/3, r2 = 2/3): intermediate points at ``lambda_t + r1 h`` and
-    ``lambda_t + r2 h``, with ``phi(z) = (e^z - 1) / z - 1``.
+    order 3 (Algorithm 2, r1 = 1/3, r2 = 2/3): intermediate points at ``ell_t + r1 h`` and
+    ``ell_t + r2 h``, with ``phi(z) = (e^z - 1) / z - 1``.
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver order must be 1, 2 or 3; got {order!r}.")
     sched = denoiser.schedule
     grid = _Grid.build(sched, timesteps)
-    lam = torch.tensor(grid.lam, dtype=torch.float64)
-    h_all = lam[1:] - lam[:-1]  # +inf on a step to sigma = 0, which the loop makes a denoising step
+    ell = torch.tensor(grid.half_log_snr, dtype=torch.float64)
+    h_all = ell[1:] - ell[:-1]  # +inf on a step to sigma = 0, which the loop makes a denoising step
     r1, r2 = (0.5 if order == 2 else 1 / 3), 2 / 3
 
-    def stage(r):  # the intermediate times lambda_t + r h of every step (one bisection), alpha, sigma there
-        t_r = sched.t_from_log_snr(2 * (lam[:-1] + r * h_all))
+    def stage(r):  # the intermediate times ell_t + r h of every step (one bisection), alpha, sigma there
+        t_r = sched.t_from_log_snr(2 * (ell[:-1] + r * h_all))
         return t_r, sched.alpha(t_r).tolist(), sched.sigma(t_r).tolist()
 
     t1, a1, sig1 = stage(r1) if order > 1 else (None, None, None)
@@ -293,7 +291,7 @@ def sample_dpm_solver(
         d2 = eps_at(u2, t2[i]) - e_t
         return x_s - (1 / r2) * sig_s * (math.expm1(h) / h - 1) * d2
 
-    return _loop(step, denoiser, x_T, grid, f"DPM-Solver-{order}", progress, callback)
+    return run_steps(step, denoiser, x_T, grid.t, f"DPM-Solver-{order}", progress, callback)
 
 
 @torch.no_grad()
@@ -308,7 +306,7 @@ def sample_dpm_solver_pp_2m(
     grid, previous = _Grid.build(denoiser.schedule, timesteps), []  # [(h, x0)] of the previous step
 
     def step(i, x):
-        h = grid.lam[i + 1] - grid.lam[i]
+        h = grid.half_log_snr[i + 1] - grid.half_log_snr[i]
         x0 = denoiser.x0(x, grid.t[i].to(x.dtype))
         d = x0
         if previous:
@@ -317,17 +315,17 @@ def sample_dpm_solver_pp_2m(
         previous[:] = [(h, x0)]
         return (grid.sigma[i + 1] / grid.sigma[i]) * x - grid.alpha[i + 1] * math.expm1(-h) * d
 
-    return _loop(step, denoiser, x_T, grid, "DPM-Solver++(2M)", progress, callback)
+    return run_steps(step, denoiser, x_T, grid.t, "DPM-Solver++(2M)", progress, callback)
 
 
 def _deis_coefficients(schedule: Schedule, grid: _Grid, order: int, n_quad: int = 24) -> list[list[float]]:
-    """For each step i, ``C_ij = int_{rho_i}^{rho_{i+1}} l_j(t(rho)) drho`` with ``l_j`` the Lagrange basis
+    """For each step i, ``C_ij = int_{nu_i}^{nu_{i+1}} l_j(t(nu)) dnu`` with ``l_j`` the Lagrange basis
     in time through ``t_i, t_{i-1}, ...`` (at most ``order`` points), by Gauss-Legendre quadrature in
-    ``rho = sigma / alpha``; ``t(rho)`` by one vectorised bisection for all steps and nodes."""
+    ``nu = sigma / alpha``; ``t(nu)`` by one vectorised bisection for all steps and nodes."""
     nodes, weights = np.polynomial.legendre.leggauss(n_quad)
-    r0, r1 = np.array(grid.rho[:-1])[:, None], np.array(grid.rho[1:])[:, None]
-    rho = r0 + (r1 - r0) * (nodes + 1) / 2  # (steps, n_quad)
-    tau = schedule.t_from_log_snr(torch.from_numpy(-2 * np.log(rho))).cpu().numpy()  # interior nodes: rho > 0
+    r0, r1 = np.array(grid.nu[:-1])[:, None], np.array(grid.nu[1:])[:, None]
+    nu = r0 + (r1 - r0) * (nodes + 1) / 2  # (steps, n_quad)
+    tau = schedule.t_from_log_snr(torch.from_numpy(-2 * np.log(nu))).cpu().numpy()  # interior nodes: nu > 0
     w, ts = weights * (r1 - r0) / 2, grid.t.tolist()
     coefs = []
     for i in range(grid.steps):
@@ -347,9 +345,9 @@ def sample_deis(
     """tAB-DEIS (Zhang & Chen 2022, sec. 4; survey 000 eq. 25): the exponential integrator with ``eps``
     extrapolated by the polynomial in t through the last ``order`` evaluations.
 
-    The exact solution of the probability-flow ODE is ``x_s / alpha_s = x_t / alpha_t + int eps drho``
-    (``rho = sigma / alpha``: the transition factor ``alpha_s / alpha_tau`` times the weight
-    ``g^2 / (2 sigma)`` equals ``alpha_s drho / dtau`` for any schedule). Replacing ``eps`` by its
+    The exact solution of the probability-flow ODE is ``x_s / alpha_s = x_t / alpha_t + int eps dnu``
+    (``nu = sigma / alpha``: the transition factor ``alpha_s / alpha_tau`` times the weight
+    ``g^2 / (2 sigma)`` equals ``alpha_s dnu / dtau`` for any schedule). Replacing ``eps`` by its
     Lagrange polynomial gives ``x_s = alpha_s (x_t / alpha_t + sum_j C_j eps_j)`` with the quadrature
     coefficients of :func:`_deis_coefficients`. The first steps warm up with the orders available;
     order 1 is DDIM. One evaluation per step; needs at least ``order`` steps.
@@ -366,7 +364,7 @@ def sample_deis(
         del history[order:]
         return grid.alpha[i + 1] * (x / grid.alpha[i] + sum(c * e for c, e in zip(coefs[i], history)))
 
-    return _loop(step, denoiser, x_T, grid, f"DEIS-{order}", progress, callback)
+    return run_steps(step, denoiser, x_T, grid.t, f"DEIS-{order}", progress, callback)
 
 
 # Adams-Bashforth weights, newest evaluation first (Hairer, Norsett & Wanner 1993, sec. III.1)
@@ -376,13 +374,13 @@ _ADAMS_BASHFORTH = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, 
 @torch.no_grad()
 def sample_plms(denoiser, x_T, timesteps, *, generator=None, progress=False, callback=None) -> torch.Tensor:
     """PLMS, the pseudo linear multistep method of PNDM (Liu et al. 2022, sec. 3): the DDIM transfer
-    ``phi(x_t, eps', t, s) = alpha_s (x_t / alpha_t + (rho_s - rho_t) eps')`` (their rationalised VP
+    ``phi(x_t, eps', t, s) = alpha_s (x_t / alpha_t + (nu_s - nu_t) eps')`` (their rationalised VP
     formula, written for any schedule) applied to the 4th-order Adams-Bashforth combination
     ``eps' = (55 e_0 - 59 e_1 + 37 e_2 - 9 e_3) / 24`` of the last four evaluations.
 
     Warm-up: the paper runs three pseudo Runge-Kutta steps (4 evaluations each); here the first three
     steps use Adams-Bashforth of order 1, 2, 3 instead, so every step costs one evaluation. The AB
-    weights assume steps equal in ``rho``, the variable in which the transfer integrates ``eps``; on
+    weights assume steps equal in ``nu``, the variable in which the transfer integrates ``eps``; on
     other grids (all those of :func:`time_grid`) the method converges at second order (measured in the
     tests). Needs at least 4 steps.
     """
@@ -393,18 +391,16 @@ def sample_plms(denoiser, x_T, timesteps, *, generator=None, progress=False, cal
         history.insert(0, denoiser.eps(x, grid.t[i].to(x.dtype)))
         del history[4:]
         eps = sum(w * e for w, e in zip(_ADAMS_BASHFORTH[len(history) - 1], history))
-        return grid.alpha[i + 1] * (x / grid.alpha[i] + (grid.rho[i + 1] - grid.rho[i]) * eps)
+        return grid.alpha[i + 1] * (x / grid.alpha[i] + (grid.nu[i + 1] - grid.nu[i]) * eps)
 
-    return _loop(step, denoiser, x_T, grid, "PLMS", progress, callback)
+    return run_steps(step, denoiser, x_T, grid.t, "PLMS", progress, callback)
 
 
 def _reverse_sde_increment(denoiser, x, t, h, z):
-    """``-h [f x - g^2 score] + g sqrt(h) z``: a step of length ``h`` down the reverse SDE (Song et al. 2021,
-    eq. 6), with one time and step per sample."""
-    with torch.enable_grad():  # cosine's and sigmoid's (f, g^2) come from autograd, which no_grad zeroes
-        f, g2 = denoiser.schedule.drift_diffusion(t)
-    drift = _col(f, x) * x - _col(g2, x) * denoiser.score(x, t)
-    return _col(-h, x) * drift + _col((g2 * h).sqrt(), x) * z
+    """``-h drift + g sqrt(h) z``, drift :func:`dmlib.sde.reverse_drift`: a step of length ``h`` down
+    the reverse SDE (Song et al. 2021, eq. 6), with one time and step per sample."""
+    g2 = denoiser.schedule.drift_diffusion(t)[1]
+    return _col(-h, x) * reverse_drift(denoiser, x, t) + _col((g2 * h).sqrt(), x) * z
 
 
 @torch.no_grad()
@@ -453,7 +449,7 @@ def sample_adaptive_sde(
             f"need 0 < theta <= 1, r > 0, h_init > 0; got theta={theta}, r={r}, h_init={h_init}."
         )
     ts = check_timesteps(timesteps).to(torch.float64)
-    sched, x = denoiser.schedule, x_T
+    sched, x = denoiser.schedule, check_start(x_T)
     t_start, t_end = ts[0].item(), ts[-1].item()
     denoise = bool(sched.sigma(ts[-1]) == 0)
     t_stop = t_eps if denoise else t_end
@@ -544,6 +540,8 @@ def nfe(name: str, n_steps: int, *, to_zero: bool = True) -> int:
     grid ends where ``sigma = 0`` (``to_zero``), whose denoising step costs one evaluation."""
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}.")
+    if isinstance(n_steps, bool) or int(n_steps) != n_steps or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive integer; got {n_steps!r}.")
     k = SAMPLERS[name].evals_per_step
     if k is None:
         raise ValueError(f"{name!r} picks its own steps; pass info={{}} to it and read info['nfe'].")

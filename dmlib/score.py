@@ -13,7 +13,15 @@ attach standard errors:
   sigma eps``: the score of the *noisy* data, equal to ESM at that noise level up to a constant
   (Vincent 2011, appendix), which is what diffusion models train.
 
-Langevin dynamics turns a score into samples (Song & Ermon 2019, eq. 4 and Algorithm 1).
+Langevin dynamics turns a score into samples. The book writes every Langevin step in one convention,
+with step size ``delta`` (Chapter 2, eq. ``eq-langevin``; the notation page)::
+
+    x <- x + delta * score(x) + sqrt(2 delta) z,     z ~ N(0, I),
+
+the Euler-Maruyama step of ``dx = grad log p(x) dt + sqrt(2) dw``, whose stationary law is ``p``.
+The unadjusted Langevin algorithm of Roberts & Tweedie (1996) and Algorithm 1 of Song & Ermon
+(2019) write ``x + (h / 2) score + sqrt(h) z``: the same step with ``delta = h / 2``.
+Song & Ermon (2019) used it to sample with a learned score; the method itself is older.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from .ddpm import check_timesteps
+from .ddpm import check_timesteps, uniform_time
 from .parameterization import PREDICTIONS, Denoiser, _col, noise_like, to_x0_eps
 from .schedules import Schedule, as_time
 
@@ -83,9 +91,9 @@ def sliced_score_matching(
 
 
 def weighting(schedule: Schedule, t, kind: str) -> torch.Tensor:
-    """The weight ``lambda(t)`` of the DSM loss: ``"sigma2"`` (``sigma(t)^2``, Song & Ermon 2019),
+    """The weight ``omega(t)`` of the DSM loss: ``"sigma2"`` (``sigma(t)^2``, Song & Ermon 2019),
     ``"likelihood"`` (``g(t)^2``, Song et al. 2021b, which makes the loss a bound on the NLL) or
-    ``"none"``."""
+    ``"none"``. (Song et al. write the weight ``lambda(t)``; here ``lambda`` is the log-SNR.)"""
     t = as_time(t)
     if kind == "sigma2":
         return schedule.sigma(t) ** 2
@@ -96,25 +104,28 @@ def weighting(schedule: Schedule, t, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown weighting {kind!r}; choose one of {', '.join(WEIGHTINGS)}.")
 
 
+_omega = weighting  # score_matching_loss's argument of the same name hides the function
+
+
 def score_matching_loss(
-    model: Callable,
-    x0: torch.Tensor,
     schedule: Schedule,
     *,
-    weighting_kind: str = "sigma2",
+    weighting: str = "sigma2",
     prediction: str = "eps",
     t_min: float = 1e-3,
     importance: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The training loss of a noise-conditional score model (Song et al. 2021, eq. 7):
-    ``E_t[lambda(t) E ||s(x_t, t) + eps / sigma(t)||^2] / D`` with ``t ~ U(t_min, 1)``.
+) -> Callable:
+    """The training loss of a noise-conditional score model (Song et al. 2021, eq. 7),
+    ``E_t[omega(t) E ||s(x_t, t) + eps / sigma(t)||^2] / D`` with ``t ~ U(t_min, 1]``, as a loss
+    function ``loss(model, x0, generator=None)`` for :func:`dmlib.train.train`.
 
     ``model(x_t, t)`` predicts ``prediction`` (eps, x0, v or score), read as a score through
-    :class:`~dmlib.parameterization.Denoiser` algebra. With ``lambda = sigma^2`` and an eps model
-    the integrand is ``||eps_hat - eps||^2``: exactly DDPM's ``L_simple`` (divided by D, a mean over
-    dimensions as in :func:`dmlib.ddpm.simple_loss`). ``t_min > 0`` keeps ``g^2 / sigma^2 ~ 1 / t``
-    of the likelihood weighting finite.
+    :class:`~dmlib.parameterization.Denoiser` algebra. ``weighting`` names ``omega``
+    (:func:`weighting`). With ``omega = sigma^2`` and an eps model the integrand is
+    ``||eps_hat - eps||^2``: exactly DDPM's ``L_simple`` (divided by D, a mean over dimensions as in
+    :func:`dmlib.ddpm.simple_loss`). ``t_min > 0`` keeps ``g^2 / sigma^2 ~ 1 / t`` of the likelihood
+    weighting bounded; ``t`` never equals ``t_min`` (:func:`dmlib.ddpm.uniform_time`), so even
+    ``t_min = 0`` never divides by ``sigma = 0``.
 
     ``importance=True`` (likelihood weighting only) draws t with density proportional to
     ``g^2 / sigma^2 = -d lambda / dt`` instead, i.e. log-SNR ``lambda`` uniform on
@@ -126,25 +137,33 @@ def score_matching_loss(
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}.")
     if not 0 <= t_min < 1:
         raise ValueError(f"t_min must lie in [0, 1); got {t_min}.")
-    if importance and weighting_kind != "likelihood":
-        raise ValueError("importance sampling of t is defined for weighting_kind='likelihood' only.")
-    u = torch.rand(x0.shape[0], generator=generator, dtype=x0.dtype, device=x0.device)
-    if importance:
-        lam_lo, lam_hi = (schedule.log_snr(torch.tensor(t, device=x0.device)) for t in (1.0, t_min))
-        t = schedule.t_from_log_snr(lam_lo + u.double() * (lam_hi - lam_lo)).to(x0.dtype)
-    else:
-        t = t_min + (1 - t_min) * u
-    noise = noise_like(x0, generator)
-    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
-    x_t = _col(alpha, x0) * x0 + _col(sigma, x0) * noise
-    _, eps_hat = to_x0_eps(model(x_t, t), prediction, x_t, alpha, sigma)
-    # lambda ||s + eps/sigma||^2 = lambda / sigma^2 ||eps_hat - eps||^2 with s = -eps_hat / sigma
-    if importance:  # (g^2 / sigma^2) / p(t) is the constant (lambda(t_min) - lambda(1)) / (1 - t_min)
-        lam_over_var = ((lam_hi - lam_lo) / (1 - t_min)).to(x0.dtype).expand(x0.shape[0])
-    else:
-        lam_over_var = weighting(schedule, t, weighting_kind).to(x0.dtype) / sigma**2
-    per_sample = (eps_hat - noise).flatten(1).pow(2).mean(1)
-    return (lam_over_var * per_sample).mean()
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}.")
+    if importance and weighting != "likelihood":
+        raise ValueError("importance sampling of t is defined for weighting='likelihood' only.")
+    if importance and not torch.isfinite(schedule.log_snr(torch.tensor(float(t_min)))):
+        raise ValueError(f"importance sampling needs a finite log-SNR at t_min={t_min}; raise t_min.")
+
+    def loss(model: Callable, x0: torch.Tensor, generator: torch.Generator | None = None):
+        if importance:
+            u = torch.rand(x0.shape[0], generator=generator, dtype=x0.dtype, device=x0.device)
+            lam_lo, lam_hi = (schedule.log_snr(torch.tensor(t, device=x0.device)) for t in (1.0, t_min))
+            t = schedule.t_from_log_snr(lam_lo + u.double() * (lam_hi - lam_lo)).to(x0.dtype)
+        else:
+            t = uniform_time(x0, generator, t_min)
+        noise = noise_like(x0, generator)
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        x_t = _col(alpha, x0) * x0 + _col(sigma, x0) * noise
+        _, eps_hat = to_x0_eps(model(x_t, t), prediction, x_t, alpha, sigma)
+        # omega ||s + eps/sigma||^2 = omega / sigma^2 ||eps_hat - eps||^2 with s = -eps_hat / sigma
+        if importance:  # (g^2 / sigma^2) / p(t) is the constant (lambda(t_min) - lambda(1)) / (1 - t_min)
+            omega_over_var = ((lam_hi - lam_lo) / (1 - t_min)).to(x0.dtype).expand(x0.shape[0])
+        else:
+            omega_over_var = _omega(schedule, t, weighting).to(x0.dtype) / sigma**2
+        per_sample = (eps_hat - noise).flatten(1).pow(2).mean(1)
+        return (omega_over_var * per_sample).mean()
+
+    return loss
 
 
 def langevin(
@@ -157,14 +176,19 @@ def langevin(
     progress: bool = False,
     callback: Callable | None = None,
 ) -> torch.Tensor:
-    """Langevin dynamics for a fixed density (Song & Ermon 2019, eq. 4):
-    ``x <- x + (eps / 2) score(x) + sqrt(eps) z``. Exact as ``eps -> 0`` and ``n_steps -> inf``; in
-    practice it cannot cross the low-density gaps between modes (sec. 3.2.2 of the paper)."""
+    """Langevin dynamics for a fixed density, in the book's convention (Chapter 2, eq.
+    ``eq-langevin``): ``x <- x + delta score(x) + sqrt(2 delta) z`` with ``delta = step_size``.
+
+    The unadjusted Langevin algorithm (Roberts & Tweedie 1996) and Song & Ermon (2019, eq. 4)
+    write ``x + (h / 2) score + sqrt(h) z``; pass ``step_size = h / 2``. Exact as ``delta -> 0``
+    and ``n_steps -> inf``; on ``N(m, s^2)`` the chain's stationary variance is
+    ``s^2 / (1 - delta / (2 s^2))``. In practice it cannot cross the low-density gaps between
+    modes (sec. 3.2.2 of Song & Ermon)."""
     if step_size <= 0 or n_steps < 1:
         raise ValueError(f"need step_size > 0 and n_steps >= 1; got {step_size}, {n_steps}.")
     for i in tqdm(range(n_steps), disable=not progress, desc="Langevin"):
         z = noise_like(x, generator)
-        x = x + step_size / 2 * score_fn(x) + step_size**0.5 * z
+        x = x + step_size * score_fn(x) + (2 * step_size) ** 0.5 * z
         if callback is not None:
             callback(i + 1, None, x)
     return x
@@ -177,7 +201,7 @@ def sample_annealed_langevin(
     timesteps,
     *,
     n_steps: int = 100,
-    step_size: float = 2e-5,
+    step_size: float = 1e-5,
     generator: torch.Generator | None = None,
     progress: bool = False,
     callback: Callable | None = None,
@@ -185,10 +209,15 @@ def sample_annealed_langevin(
     """Annealed Langevin dynamics (Song & Ermon 2019, Algorithm 1), with the sampler signature.
 
     Each time in ``timesteps`` is a noise level ``sigma_i = sigma(t_i)``; at each level it runs
-    ``n_steps`` Langevin steps with ``alpha_i = step_size * sigma_i^2 / sigma_L^2`` (``sigma_L``: the
-    last level above 0). With a VE schedule, uniform times are NCSN's geometric sigmas. If the last
-    time is 0 the result is the denoiser's ``E[x_0 | x]`` at the last level (Jolicoeur-Martineau
-    et al. 2021's denoising step). Network evaluations: ``n_steps`` per positive level.
+    ``n_steps`` steps of :func:`langevin` (``x <- x + delta_i score + sqrt(2 delta_i) z``) with
+    ``delta_i = step_size * sigma_i^2 / sigma_L^2`` (``sigma_L``: the last level above 0), so
+    ``step_size`` is the step ``delta`` at the last level. Song & Ermon's Algorithm 1 writes
+    ``alpha_i = eps sigma_i^2 / sigma_L^2`` in the ``x + (alpha_i / 2) score + sqrt(alpha_i) z``
+    convention: ``delta_i = alpha_i / 2``, and their ``eps = 2e-5`` is the default
+    ``step_size = 1e-5``. With a VE schedule, uniform times are NCSN's geometric sigmas. If the
+    last time is 0 the result is the denoiser's ``E[x_0 | x]`` at the last level
+    (Jolicoeur-Martineau et al. 2021's denoising step). Network evaluations: ``n_steps`` per
+    positive level.
     """
     ts = check_timesteps(timesteps)
     levels = ts[ts > 0]
@@ -198,12 +227,12 @@ def sample_annealed_langevin(
         callback(0, ts[0], x)
     for i in tqdm(range(len(levels)), disable=not progress, desc="annealed Langevin"):
         t = levels[i].to(x.dtype)
-        alpha_i = step_size * (sigmas[i] / sigmas[-1]).item() ** 2
+        delta_i = step_size * (sigmas[i] / sigmas[-1]).item() ** 2
 
         def score_fn(y, t=t):
             return denoiser.score(y, t)
 
-        x = langevin(score_fn, x, step_size=alpha_i, n_steps=n_steps, generator=generator)
+        x = langevin(score_fn, x, step_size=delta_i, n_steps=n_steps, generator=generator)
         if callback is not None:
             callback(i + 1, levels[i], x)
     if ts[-1] == 0:

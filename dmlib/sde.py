@@ -13,9 +13,11 @@ the reverse-time SDE and Song et al. the probability-flow ODE with the same marg
 Every sampler here has the signature of :func:`dmlib.ddpm.sample_ancestral`:
 ``sampler(denoiser, x_T, timesteps, *, generator=None, progress=False, callback=None, ...)``, where
 ``timesteps`` runs strictly downwards, e.g. ``torch.linspace(1, 0, N + 1)``. The score is
-``-eps / sigma``, which is infinite at a data time with ``sigma = 0``; so a step that ends at
-``t = 0`` returns the denoiser's ``E[x_0 | x_t]`` (Tweedie's formula), the "denoising" last step
-of Song et al. (2021, appendix G) and Jolicoeur-Martineau et al. (2021).
+``-eps / sigma``, which is infinite at a data time with ``sigma = 0``; so a step that ends where
+``sigma = 0`` returns ``alpha E[x_0 | x_t]`` (Tweedie's formula), the "denoising" last step of
+Song et al. (2021, appendix G) and Jolicoeur-Martineau et al. (2021). The loop and this rule are
+:func:`dmlib.ddpm.run_steps`, shared with every other sampler; where ``sigma(0) > 0`` (VE) the
+last step is an ordinary one without noise.
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .ddpm import check_timesteps
+from .ddpm import check_timesteps, run_steps
 from .parameterization import Denoiser, _col, noise_like
 from .schedules import Schedule, as_time
 
@@ -64,17 +65,14 @@ def simulate_forward(
 
 
 def _run(step: Callable, denoiser, x_T, timesteps, desc, progress, callback):
-    """The loop every sampler shares: ``x <- step(x, t, s)`` for consecutive pairs, Tweedie to ``t = 0``."""
+    """:func:`dmlib.ddpm.run_steps`, the loop and last-step rule every sampler shares, for a
+    ``step(x, t, s)`` that takes the times in ``x``'s dtype."""
     ts = check_timesteps(timesteps)
-    x = x_T
-    if callback is not None:
-        callback(0, ts[0], x)
-    for i in tqdm(range(len(ts) - 1), disable=not progress, desc=desc):
-        t, s = ts[i].to(x.dtype), ts[i + 1].to(x.dtype)
-        x = denoiser.x0(x, t) if s == 0 else step(x, t, s)
-        if callback is not None:
-            callback(i + 1, s, x)
-    return x
+
+    def by_index(i, x):
+        return step(x, ts[i].to(x.dtype), ts[i + 1].to(x.dtype))
+
+    return run_steps(by_index, denoiser, x_T, ts, desc, progress, callback)
 
 
 @torch.no_grad()
@@ -97,19 +95,23 @@ def sample_euler_maruyama(
 
 
 def _euler_maruyama_step(denoiser, x, t, s, generator):
-    """One reverse Euler–Maruyama step from ``t`` back to ``s``: ``x - [f x - g^2 score] dt + g sqrt(dt) z``."""
+    """One reverse Euler–Maruyama step from ``t`` back to ``s``: ``x - [f x - g^2 score] dt + g sqrt(dt) z``
+    (no noise on a step to ``s = 0``)."""
     _, g2 = denoiser.schedule.drift_diffusion(t)
     dt = t - s
-    return x - reverse_drift(denoiser, x, t) * dt + _col(g2 * dt, x).sqrt() * noise_like(x, generator)
+    x = x - reverse_drift(denoiser, x, t) * dt
+    return x + _col(g2 * dt, x).sqrt() * noise_like(x, generator) if s > 0 else x
 
 
 def _reverse_diffusion_step(denoiser, x, t, s, generator):
     """Song et al. (2021) eq. 46: discretize the forward SDE as ``x_t = x_s + f_i(x_s) + G_i z`` with
     ``f_i(x) = (alpha_{t|s} - 1) x`` and ``G_i = sigma_{t|s}`` (the exact transition of the schedule),
-    then run it backwards: ``x_s = x_t - f_i(x_t) + G_i^2 score(x_t, t) + G_i z``."""
+    then run it backwards: ``x_s = x_t - f_i(x_t) + G_i^2 score(x_t, t) + G_i z`` (no noise on a step
+    to ``s = 0``)."""
     a_ts, var_ts = denoiser.schedule.transition(t, s)
     a_ts, var_ts = _col(a_ts, x), _col(var_ts, x)
-    return (2 - a_ts) * x + var_ts * denoiser.score(x, t) + var_ts.sqrt() * noise_like(x, generator)
+    x = (2 - a_ts) * x + var_ts * denoiser.score(x, t)
+    return x + var_ts.sqrt() * noise_like(x, generator) if s > 0 else x
 
 
 @torch.no_grad()
@@ -141,19 +143,27 @@ def langevin_correct(
     alpha_ratio=1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Langevin corrector at fixed ``t`` (Song et al. 2021, Algorithms 4-5):
-    ``x <- x + eps score + sqrt(2 eps) z`` with the step ``eps = 2 a (r ||z|| / ||score||)^2`` set
-    by the target signal-to-noise ratio ``r = snr`` (``a = alpha_ratio`` is 1 for VE and ``1 - beta_i``
-    for VP). As in Song et al.'s code the norms are averaged over the batch: per-sample ratios of two
-    chi-distributed norms are very noisy in low dimension (in 2D some steps would be 100x too long)."""
+    """Langevin corrector at fixed ``t`` (Song et al. 2021, Algorithms 4-5), in the book's Langevin
+    convention (Chapter 2, eq. ``eq-langevin``)::
+
+        x <- x + delta score + sqrt(2 delta) z,   delta = 2 a (r ||z|| / ||score||)^2,
+
+    the step ``delta`` set by the target signal-to-noise ratio ``r = snr`` (``a = alpha_ratio`` is
+    1 for VE and ``alpha_i = 1 - beta_i`` for VP). This step-size rule belongs to exactly this
+    update (not to ``x + (delta / 2) score + sqrt(delta) z``): with it the ratio
+    ``||delta score|| / ||sqrt(2 delta) z||`` is ``r sqrt(a)``. As in Song et al.'s code the two
+    norms are averaged over the batch before the ratio is taken: per-sample ratios of two
+    chi-distributed norms are very noisy in low dimension (in 2D some steps would be 100x too
+    long)."""
     if snr <= 0 or n_steps < 1:
         raise ValueError(f"need snr > 0 and n_steps >= 1; got snr={snr}, n_steps={n_steps}.")
     for _ in range(n_steps):
         score = denoiser.score(x, t)
         z = noise_like(x, generator)
         ratio = z.flatten(1).norm(dim=1).mean() / score.flatten(1).norm(dim=1).mean().clamp(min=1e-12)
-        step = 2 * torch.as_tensor(alpha_ratio, dtype=x.dtype, device=x.device) * (snr * ratio) ** 2
-        x = x + step * score + (2 * step).sqrt() * z
+        a = torch.as_tensor(alpha_ratio, dtype=x.dtype, device=x.device)
+        delta = 2 * a * (snr * ratio) ** 2  # batch-averaged norms, as in Song et al.'s code
+        x = x + delta * score + (2 * delta).sqrt() * z
     return x
 
 
@@ -172,7 +182,10 @@ def sample_pc(
 ) -> torch.Tensor:
     """Predictor–corrector sampling (Song et al. 2021, Algorithm 1): each step is one predictor step
     (``"reverse_diffusion"`` or ``"euler_maruyama"``) followed by ``corrector_steps`` Langevin steps
-    at the new time. Network evaluations: ``1 + corrector_steps`` per step."""
+    of :func:`langevin_correct` at the new time (``x + delta score + sqrt(2 delta) z``, the step
+    ``delta`` from the target ``snr`` with batch-averaged norms). Network evaluations:
+    ``1 + corrector_steps`` per step, and one on the last step to ``t = 0``, which has no corrector
+    (it adds no noise)."""
     if predictor not in ("reverse_diffusion", "euler_maruyama"):
         raise ValueError(f"unknown predictor {predictor!r}; choose 'reverse_diffusion' or 'euler_maruyama'.")
     sched = denoiser.schedule
@@ -182,6 +195,8 @@ def sample_pc(
             x = _reverse_diffusion_step(denoiser, x, t, s, generator)
         else:
             x = _euler_maruyama_step(denoiser, x, t, s, generator)
+        if s == 0:  # no noise on the last step (run_steps' rule), so no corrector there either
+            return x
         # the corrector's step scale: 1 for VE, alpha_{t|s}^2 = 1 - beta_i for VP (Song et al.'s code)
         a_ts, _ = sched.transition(t, s)
         return langevin_correct(
@@ -239,9 +254,17 @@ def solve_pf_ode(
     """
     from scipy.integrate import solve_ivp
 
-    as_time(torch.tensor([float(t_start), float(t_end)]))  # a clear error for times outside [0, 1]
+    ends = as_time(torch.tensor([float(t_start), float(t_end)], dtype=torch.float64))  # in [0, 1]
     if t_start == t_end:
         raise ValueError("t_start and t_end must differ.")
+    with torch.no_grad():
+        sigma_ends = denoiser.schedule.sigma(ends)
+    if (sigma_ends == 0).any():
+        raise ValueError(
+            f"the probability-flow ODE's drift is infinite where sigma = 0 (t = {float(ends[sigma_ends == 0][0]):g} "
+            f"for {type(denoiser.schedule).__name__}); integrate between times with sigma > 0, e.g. "
+            f"down to t = 1e-3, then take the denoising step alpha E[x_0 | x_t] if you need t = 0."
+        )
     shape, dtype, device = x.shape, x.dtype, x.device
 
     def rhs(t, y):

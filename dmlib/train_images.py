@@ -124,18 +124,16 @@ def prepare(x: torch.Tensor, cfg: dict, generator: torch.Generator | None) -> to
 def make_loss(cfg: dict, num_classes: int | None):
     """``loss(model, batch, generator)``: L_simple (Ho et al. 2020, eq. 14) on prepared images; with
     labels, each is replaced by the null class with probability ``label_dropout`` (Ho & Salimans 2022)."""
-    schedule = get_schedule(cfg["schedule"])
+    simple = simple_loss(get_schedule(cfg["schedule"]), prediction=cfg["prediction"])
 
     def loss(model, batch, generator):
         x, y = batch
         x = prepare(x, cfg, generator)
         if num_classes is None:
-            return simple_loss(model, x, schedule, prediction=cfg["prediction"], generator=generator)
+            return simple(model, x, generator)
         drop = torch.rand(y.shape, device=y.device, generator=generator) < cfg["label_dropout"]
         y = torch.where(drop, torch.full_like(y, num_classes), y)
-        return simple_loss(
-            lambda x_t, t: model(x_t, t, y), x, schedule, prediction=cfg["prediction"], generator=generator
-        )
+        return simple(lambda x_t, t: model(x_t, t, y), x, generator)
 
     return loss
 

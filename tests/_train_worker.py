@@ -25,7 +25,7 @@ def job(checkpoint, steps):
         progress=False,
         device="cpu",
     )
-    return train(net, x, lambda m, b, g: ddpm.simple_loss(m, b, sched, generator=g), config)
+    return train(net, x, ddpm.simple_loss(sched), config)
 
 
 if __name__ == "__main__":

@@ -208,9 +208,9 @@ def test_consistency_loss_vanishes_for_a_one_point_grid_step(eight):
     ts = torch.tensor([0.3, 1e-3], dtype=torch.float64)
     net = MLP(2, 16, 1).double()
     f = acc.ConsistencyFunction(net, sched, t_min=1e-3)
-    exact = lambda x, t: acc._ddim_step(den, x, t, torch.full_like(t, 1e-3))  # noqa: E731
+    exact = lambda x, t: samplers.ddim_step(den, x, t, torch.full_like(t, 1e-3))  # noqa: E731
     x0 = eight[0].sample(128, _seed(1), dtype=torch.float64)
-    loss = acc.consistency_distillation_loss(exact, f, den, x0, ts, generator=_seed(2))
+    loss = acc.consistency_distillation_loss(den, ts, target=f)(exact, x0, _seed(2))
     assert loss.item() < 1e-20
 
 
@@ -226,7 +226,7 @@ def test_consistency_training_improves_one_step_samples(eight):
     res = train(
         f,
         mix.sample(20_000, _seed(0)),
-        lambda m, b, g: acc.consistency_distillation_loss(m, m, den, b, ts, generator=g),
+        acc.consistency_distillation_loss(den, ts),
         TrainConfig(steps=800, lr=1e-3, ema_decay=0.99, progress=False),
     )
     assert res.losses[-100:].mean() < 0.5 * res.losses[:100].mean()
@@ -274,4 +274,4 @@ def test_bad_inputs_raise_clear_errors(eight, costs):
     with pytest.raises(ValueError, match="t_min"):
         f(x0.float(), torch.tensor(1e-4))
     with pytest.raises(ValueError, match="t_min"):
-        acc.consistency_distillation_loss(f, f, den, x0.float(), torch.tensor([1.0, 0.0]))
+        acc.consistency_distillation_loss(den, torch.tensor([1.0, 0.0]))(f, x0.float())

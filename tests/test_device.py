@@ -318,28 +318,28 @@ def at(dev, t=0.3):
 def _consistency(net, dev):
     cf = acceleration.ConsistencyFunction(net, LIN)
     grid = samplers.time_grid(LIN, 4, t_min=cf.t_min)
-    return acceleration.consistency_distillation_loss(cf, cf, _oracle_denoiser(dev), points(dev), grid)
+    return acceleration.consistency_distillation_loss(_oracle_denoiser(dev), grid)(cf, points(dev))
 
 
 def _hybrid_discretized(net, dev):
     with meta_values_are_zero():  # the discretized decoder checks that x lies on the pixel grid
-        return L.hybrid_loss(net, _pixels(dev), LIN, 10, decoder="discretized", bins=16)
+        return L.hybrid_loss(LIN, 10, decoder="discretized", bins=16)(net, _pixels(dev))
 
 
 LOSSES = {  # name: (net, dev) -> loss, with net = tiny(dev) (a LearnedVarianceMLP for the hybrid loss)
-    "ddpm.simple_loss eps": lambda net, dev: ddpm.simple_loss(net, points(dev), LIN),
-    "ddpm.simple_loss x0": lambda net, dev: ddpm.simple_loss(net, points(dev), LIN, prediction="x0"),
-    "ddpm.simple_loss v": lambda net, dev: ddpm.simple_loss(net, points(dev), COSINE, prediction="v"),
-    "score.score_matching_loss sigma2": lambda net, dev: score.score_matching_loss(net, points(dev), VE),
+    "ddpm.simple_loss eps": lambda net, dev: ddpm.simple_loss(LIN)(net, points(dev)),
+    "ddpm.simple_loss x0": lambda net, dev: ddpm.simple_loss(LIN, prediction="x0")(net, points(dev)),
+    "ddpm.simple_loss v": lambda net, dev: ddpm.simple_loss(COSINE, prediction="v")(net, points(dev)),
+    "score.score_matching_loss sigma2": lambda net, dev: score.score_matching_loss(VE)(net, points(dev)),
     "score.score_matching_loss likelihood": lambda net, dev: score.score_matching_loss(
-        net, points(dev), COSINE, weighting_kind="likelihood"
-    ),
+        COSINE, weighting="likelihood"
+    )(net, points(dev)),
     "score.score_matching_loss importance": lambda net, dev: score.score_matching_loss(
-        net, points(dev), LIN, weighting_kind="likelihood", importance=True, prediction="score"
-    ),
+        LIN, weighting="likelihood", importance=True, prediction="score"
+    )(net, points(dev)),
     "score.score_matching_loss none": lambda net, dev: score.score_matching_loss(
-        net, points(dev), SCHEDULES["subvp"], weighting_kind="none"
-    ),
+        SCHEDULES["subvp"], weighting="none"
+    )(net, points(dev)),
     "score.explicit_score_matching": lambda net, dev: score.explicit_score_matching(
         net(x := points(dev), at(dev)), mixture().to(dev).score(x)
     ).mean(),
@@ -352,7 +352,7 @@ LOSSES = {  # name: (net, dev) -> loss, with net = tiny(dev) (a LearnedVarianceM
     "score.sliced_score_matching": lambda net, dev: score.sliced_score_matching(
         lambda x: net(x, at(dev)), points(dev), 2
     ).mean(),
-    "likelihood.hybrid_loss": lambda net, dev: L.hybrid_loss(net, points(dev), LIN, 10),
+    "likelihood.hybrid_loss": lambda net, dev: L.hybrid_loss(LIN, 10)(net, points(dev)),
     "likelihood.hybrid_loss discretized": _hybrid_discretized,
     "likelihood.vdm_loss": lambda net, dev: L.vdm_loss(L.VDM(net, LIN), points(dev)),
     "likelihood.diffusion_loss uniform": lambda net, dev: L.diffusion_loss(
@@ -362,8 +362,8 @@ LOSSES = {  # name: (net, dev) -> loss, with net = tiny(dev) (a LearnedVarianceM
         Denoiser(net, VE), points(dev), t_min=0.0, n_t=2
     ).mean(),
     "acceleration.progressive_distillation_loss": lambda net, dev: acceleration.progressive_distillation_loss(
-        Denoiser(net, LIN, "v"), _oracle_denoiser(dev), points(dev), 2
-    ),
+        _oracle_denoiser(dev), 2, prediction="v"
+    )(net, points(dev)),
     "acceleration.consistency_distillation_loss": _consistency,
 }
 
@@ -740,7 +740,8 @@ def _train_run(dev, data, **config):
     from dmlib.train import TrainConfig, train
 
     config = dict(steps=3, batch_size=8, check_every=1, progress=False, device=dev) | config
-    loss = lambda m, b, g: ddpm.simple_loss(m, b if torch.is_tensor(b) else b[0], LIN, generator=g)  # noqa: E731
+    simple = ddpm.simple_loss(LIN)
+    loss = lambda m, b, g: simple(m, b if torch.is_tensor(b) else b[0], g)  # noqa: E731
     result = train(tiny("cpu"), data, loss, TrainConfig(**config))
     return result
 

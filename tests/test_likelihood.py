@@ -159,8 +159,8 @@ def test_hybrid_loss_vlb_term_is_the_discrete_bound(eight):
     reps = []
     for seed in range(6):
         x0 = eight.sample(4000, _gen(10 + seed), dtype=torch.float64)
-        with_vlb = L.hybrid_loss(model, x0, sched, T, lam=1.0, generator=_gen(seed))
-        reps.append(with_vlb - L.hybrid_loss(model, x0, sched, T, lam=0.0, generator=_gen(seed)))
+        with_vlb = L.hybrid_loss(sched, T, lam=1.0)(model, x0, _gen(seed))
+        reps.append(with_vlb - L.hybrid_loss(sched, T, lam=0.0)(model, x0, _gen(seed)))
     hybrid, hybrid_se = _mean_se(torch.stack(reps))
     x0 = eight.sample(2000, _gen(20), dtype=torch.float64)
     terms = L.discrete_vlb(den, x0, T, variance=lambda x, t: torch.full_like(x, v), generator=_gen(21)).terms
@@ -171,8 +171,8 @@ def test_hybrid_loss_vlb_term_is_the_discrete_bound(eight):
 def test_hybrid_loss_stops_the_vlb_gradient_at_the_mean(gen):
     model = L.LearnedVarianceMLP(hidden=16, depth=2)
     x0, sched = torch.randn(64, 2, generator=gen), get_schedule("linear")
-    vlb_part = L.hybrid_loss(model, x0, sched, 10, lam=1.0, generator=_gen(5)) - L.hybrid_loss(
-        model, x0, sched, 10, lam=0.0, generator=_gen(5)
+    vlb_part = L.hybrid_loss(sched, 10, lam=1.0)(model, x0, _gen(5)) - L.hybrid_loss(sched, 10, lam=0.0)(
+        model, x0, _gen(5)
     )
     head = model.body.net[-1].weight
     (grad,) = torch.autograd.grad(vlb_part, head)
@@ -191,7 +191,7 @@ def test_learned_and_analytic_variances_beat_fixed_ones_on_a_trained_model():
     result = train(
         L.LearnedVarianceMLP(hidden=64),
         mix.sample(20_000, _gen(0)),
-        lambda m, b, g: L.hybrid_loss(m, b, sched, T, generator=g),
+        L.hybrid_loss(sched, T),
         TrainConfig(steps=1000, batch_size=256, lr=2e-3, ema_decay=0.99, progress=False),
     )
     model = result.ema

@@ -67,10 +67,10 @@ def test_sigma2_weighted_eps_loss_is_ddpm_simple_loss(gen):
     sched = get_schedule("linear")
     net = MLP(2, hidden=32, depth=2)
     x0 = torch.randn(64, 2, generator=gen)
-    a = score.score_matching_loss(
-        net, x0, sched, weighting_kind="sigma2", t_min=0.0, generator=torch.Generator().manual_seed(5)
+    a = score.score_matching_loss(sched, weighting="sigma2", t_min=0.0)(
+        net, x0, torch.Generator().manual_seed(5)
     )
-    b = ddpm.simple_loss(net, x0, sched, generator=torch.Generator().manual_seed(5))
+    b = ddpm.simple_loss(sched)(net, x0, torch.Generator().manual_seed(5))
     torch.testing.assert_close(a, b)
 
 
@@ -88,14 +88,8 @@ def test_importance_sampled_likelihood_loss_has_the_same_expectation(gen):
     for importance in (False, True):
         values = torch.stack(
             [
-                score.score_matching_loss(
-                    model,
-                    x0,
-                    sched,
-                    weighting_kind="likelihood",
-                    importance=importance,
-                    t_min=1e-2,
-                    generator=gen,
+                score.score_matching_loss(sched, weighting="likelihood", importance=importance, t_min=1e-2)(
+                    model, x0, gen
                 )
                 for _ in range(200)
             ]
@@ -122,6 +116,22 @@ def test_langevin_samples_a_gaussian(gen):
     assert abs(x.var() - 0.25) < 0.02
 
 
+def test_langevin_uses_the_books_step_convention(gen):
+    """x <- x + delta score + sqrt(2 delta) z (eq. eq-langevin): on N(0, s^2) its stationary variance
+    is s^2 / (1 - delta / (2 s^2)), 0.3125 for delta = 0.1, s^2 = 0.25. Song & Ermon's convention
+    x + (delta / 2) score + sqrt(delta) z would give s^2 / (1 - delta / (4 s^2)) = 0.278."""
+    delta, var = 0.1, 0.25
+    x = score.langevin(
+        lambda y: -y / var,
+        torch.zeros(40_000, 1, dtype=torch.float64),
+        step_size=delta,
+        n_steps=200,
+        generator=gen,
+    )
+    want = var / (1 - delta / (2 * var))
+    assert abs(x.var().item() - want) < 0.01  # standard error about 0.0022
+
+
 def test_plain_langevin_gets_mode_weights_wrong_and_annealing_fixes_them(gen):
     """Song & Ermon (2019), sec. 3.2.2: for 0.2 N((-5,-5), I) + 0.8 N((5,5), I) from a uniform start,
     plain Langevin keeps each particle in its starting basin (weights near 0.5); annealed Langevin
@@ -129,12 +139,12 @@ def test_plain_langevin_gets_mode_weights_wrong_and_annealing_fixes_them(gen):
     mix = GaussianMixture([[-5.0, -5.0], [5.0, 5.0]], stds=1.0, weights=[0.2, 0.8])
     x_init = torch.rand(2000, 2, generator=gen) * 16 - 8
     plain = score.langevin(
-        lambda y: mix.score(y.double()).float(), x_init, step_size=0.1, n_steps=300, generator=gen
+        lambda y: mix.score(y.double()).float(), x_init, step_size=0.05, n_steps=300, generator=gen
     )
     w_plain = metrics.mode_coverage(plain, mix)["weights"][1]
     den = MixtureOracle(mix, get_schedule("ve", sigma_min=0.1, sigma_max=20.0)).denoiser()
     annealed = score.sample_annealed_langevin(
-        den, x_init, torch.linspace(1, 0, 11), n_steps=100, step_size=0.01, generator=gen
+        den, x_init, torch.linspace(1, 0, 11), n_steps=100, step_size=0.005, generator=gen
     )
     w_annealed = metrics.mode_coverage(annealed, mix)["weights"][1]
     assert abs(w_plain - 0.8) > 0.2
@@ -150,9 +160,9 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="unknown weighting"):
         score.weighting(sched, 0.5, "snr")
     with pytest.raises(ValueError, match="importance sampling"):
-        score.score_matching_loss(MLP(2), torch.zeros(4, 2), sched, importance=True)
+        score.score_matching_loss(sched, importance=True)
     with pytest.raises(ValueError, match="t_min"):
-        score.score_matching_loss(MLP(2), torch.zeros(4, 2), sched, t_min=1.0)
+        score.score_matching_loss(sched, t_min=1.0)
     with pytest.raises(ValueError, match="step_size > 0"):
         score.langevin(lambda y: y, torch.zeros(2, 2), step_size=0.0, n_steps=3)
     with pytest.raises(ValueError, match="n_projections"):

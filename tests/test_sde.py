@@ -123,8 +123,24 @@ def test_pc_corrector_steps_count(eight, gen):
     sde.sample_pc(
         den, torch.randn(10, 2, generator=gen), torch.linspace(1, 0, 11), corrector_steps=2, generator=gen
     )
-    # 9 steps to positive times with 3 evaluations each, then one Tweedie evaluation to t = 0
+    # 9 steps to positive times with 3 evaluations each, then one noiseless predictor step to
+    # t = 0 without a corrector (VE: sigma(0) > 0, an ordinary step; VP: Tweedie's denoising step)
     assert len(calls) == 9 * 3 + 1
+
+
+def test_corrector_step_rule_belongs_to_the_books_langevin_update(gen):
+    """Song et al.'s delta = 2 a (r ||z|| / ||s||)^2 with x + delta s + sqrt(2 delta) z (eq.
+    eq-langevin), norms averaged over the batch. On N(0, v I) the corrector's fixed point is then
+    w = v (1 + a r^2): 1.25 v for r = 0.5, a = 1. The same rule with Song & Ermon's convention
+    x + (delta / 2) s + sqrt(delta) z would settle at v (1 + a r^2 / 2) = 1.125 v."""
+    from types import SimpleNamespace
+
+    v, r = 2.0, 0.5
+    den = SimpleNamespace(score=lambda x, t: -x / v)
+    x = v**0.5 * torch.randn(5000, 4, generator=gen, dtype=torch.float64)
+    for a in (1.0, 0.5):
+        y = sde.langevin_correct(den, x, 0.5, snr=r, n_steps=100, alpha_ratio=a, generator=gen)
+        assert abs(y.var().item() / v - (1 + a * r**2)) < 0.04, a  # standard error about 0.011
 
 
 def test_bad_inputs_are_clear_errors(eight, gen):

@@ -9,23 +9,63 @@ them all, so ``dmlib.exercises.check_<name>`` works for every chapter.
 """
 
 from ._common import ExerciseFailed
-from .ch01 import check_forward_sample, check_posterior, check_x0_from_eps
-from .ch02 import check_dsm_loss, check_langevin_step, check_sde_coefficients
-from .ch03 import check_ddim_step, check_dpm_solver_1_step, check_edm_grid
-from .ch04 import check_discretized_log_likelihood, check_gaussian_kl, check_hutchinson_divergence
+from .ch01 import (
+    check_ancestral_sampler,
+    check_eps_error_curve,
+    check_forward_sample,
+    check_posterior,
+    check_vlb_terms,
+    check_x0_from_eps,
+)
+from .ch02 import (
+    check_annealed_langevin,
+    check_dsm_loss,
+    check_langevin_step,
+    check_reverse_sde_sampler,
+    check_sde_coefficients,
+    check_sliced_score_matching,
+)
+from .ch03 import (
+    check_ddim_step,
+    check_dpm_solver_1_step,
+    check_dpm_solver_2,
+    check_edm_grid,
+    check_heun,
+    check_optimal_path,
+)
+from .ch04 import (
+    check_analytic_dpm_variances,
+    check_discretized_log_likelihood,
+    check_gaussian_kl,
+    check_hutchinson_divergence,
+    check_hutchinson_ode_likelihood,
+    check_importance_sampled_bound,
+)
 
 __all__ = [
     "ExerciseFailed",
     "check_forward_sample",
     "check_posterior",
     "check_x0_from_eps",
+    "check_ancestral_sampler",
+    "check_vlb_terms",
+    "check_eps_error_curve",
     "check_sde_coefficients",
     "check_dsm_loss",
     "check_langevin_step",
+    "check_annealed_langevin",
+    "check_reverse_sde_sampler",
+    "check_sliced_score_matching",
     "check_ddim_step",
     "check_dpm_solver_1_step",
     "check_edm_grid",
+    "check_dpm_solver_2",
+    "check_optimal_path",
+    "check_heun",
     "check_gaussian_kl",
     "check_hutchinson_divergence",
     "check_discretized_log_likelihood",
+    "check_analytic_dpm_variances",
+    "check_importance_sampled_bound",
+    "check_hutchinson_ode_likelihood",
 ]

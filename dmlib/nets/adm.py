@@ -10,20 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mlp import timestep_embedding
-
-
-def embed_time(t, x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of ``t`` (a scalar or shape (B,)), computed in at least float32, then cast.
-
-    Casting ``t`` to bf16 first would be a silent bug: 0.500 and 0.501 are one bf16 number, so
-    neighbouring DDPM steps would get the same embedding.
-    """
-    t = torch.as_tensor(t, device=x.device)
-    t = t.expand(x.shape[0]) if t.ndim == 0 else t
-    if t.shape != (x.shape[0],):
-        raise ValueError(f"t must be a scalar or have shape ({x.shape[0]},); got {tuple(t.shape)}.")
-    return timestep_embedding(t.to(torch.promote_types(t.dtype, torch.float32)), dim).to(x.dtype)
+from .mlp import embed_time
 
 
 def class_labels(y, x: torch.Tensor, num_classes: int | None) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .mlp import timestep_embedding
+from .mlp import _check_even, embed_time
 
 
 class ResBlock(nn.Module):
@@ -34,6 +34,7 @@ class UNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, base: int = 32, channel_mults=(1, 2, 2), groups: int = 8):
         super().__init__()
+        _check_even(base)  # the time features have base dimensions
         self.in_channels, self.factor = in_channels, 2 ** (len(channel_mults) - 1)
         self.time_dim = 4 * base
         self.time_mlp = nn.Sequential(
@@ -57,14 +58,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # start as the zero function: a calm first loss
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet expects x of shape (B, {self.in_channels}, H, W); got {tuple(x.shape)}.")
         if x.shape[2] % self.factor or x.shape[3] % self.factor:
             raise ValueError(f"UNet needs H and W divisible by {self.factor}; got {tuple(x.shape[2:])}.")
-        emb = self.time_mlp(
-            timestep_embedding(t.expand(x.shape[0]) if t.ndim == 0 else t, self.base).to(x.dtype)
-        )
+        emb = self.time_mlp(embed_time(t, x, self.base))
         h = self.conv_in(x)
         skips = []
         for i, block in enumerate(self.down):
