@@ -13,10 +13,19 @@ def test_unet_keeps_shape_at_every_resolution(size):
 
 
 def test_unet_output_depends_on_time_after_training_step():
+    """The zero-initialised output layer makes every output 0 at first; one real optimizer step on a
+    time-dependent target must make the output depend on t (a broken time path stays constant)."""
+    torch.manual_seed(0)
     net = UNet(base=8)
-    torch.nn.init.normal_(net.conv_out.weight)  # undo the zero init so time can matter
-    x = torch.randn(2, 1, 8, 8)
-    assert not torch.allclose(net(x, torch.tensor([0.1, 0.1])), net(x, torch.tensor([0.9, 0.9])))
+    x, t_lo, t_hi = torch.randn(4, 1, 8, 8), torch.full((4,), 0.1), torch.full((4,), 0.9)
+    assert torch.equal(net(x, t_lo), net(x, t_hi))  # zero init: no dependence yet
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(2):  # the first step moves only the output layer; the second reaches time
+        loss = ((net(x, t_lo) - 1) ** 2).mean() + ((net(x, t_hi) + 1) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.allclose(net(x, t_lo), net(x, t_hi), atol=1e-6)
 
 
 def test_bad_shapes_named():
