@@ -284,10 +284,12 @@ def analytic_dpm_variances(
       here estimated instead of learned). Equal to ``"score"`` for an exact denoiser.
 
     Near ``t = 1`` the factor ``sigma^2 / alpha^2`` multiplies the Monte Carlo error of
-    ``1 - sigma^2 Gamma`` by up to ``e^20``; as Bao et al. clip to the bounds of their Theorem 2, the
-    covariance term is clipped to ``[0, Var(x_0)]`` (``E Cov(x_0 | x_t) <= Cov(x_0)``, the law of total
-    variance; ``Var`` is the per-coordinate variance of ``data``, averaged). Entry ``i`` is the variance of
-    step ``i -> i - 1``; at ``i = 1`` (``betatilde_1 = 0``, ``c = 1``) it is the decoder variance.
+    ``1 - sigma^2 Gamma`` by up to ``e^20``, so the covariance term is clipped to ``[0, Var(x_0)]``
+    (``E Cov(x_0 | x_t) <= Cov(x_0)``, the law of total variance; ``Var`` is the per-coordinate
+    variance of ``data``, averaged). That clip is this book's choice: Bao et al. clip to the bounds
+    of their Theorem 2, which use the data's range (``[0, ((b - a) / 2)^2]`` for data in ``[a, b]``).
+    Entry ``i`` is the variance of step ``i -> i - 1``; at ``i = 1`` (``betatilde_1 = 0``,
+    ``c = 1``) it is the decoder variance.
     """
     if estimator not in ("score", "residual"):
         raise ValueError(f"unknown estimator {estimator!r}; choose 'score' (Bao et al.) or 'residual'.")
@@ -623,8 +625,10 @@ class VDM(nn.Module):
 
 def vdm_loss(model: VDM, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """The mean continuous-time bound in nats, a ``loss_fn`` for :func:`dmlib.train.train`, with uniform
-    time sampling so that gradients reach a learned schedule (VDM trains everything on the VLB; its
-    variance-minimizing update of the schedule's interior, sec. 5.2, is not reproduced here)."""
+    time sampling so that gradients reach a learned schedule. Here the network and the whole schedule
+    (end points and interior) follow the bound's gradient. In VDM only the end points affect the
+    bound; Kingma et al. learn the interior to minimize the estimator's variance (sec. 5.2), which
+    is not reproduced here."""
     vlb = continuous_vlb(
         model.denoiser(), batch, t_eps=model.t_eps, time_sampling="uniform", generator=generator
     )
