@@ -198,6 +198,10 @@ INSPECT = """(async () => {
     widgetStates: widgetStates.length,
     widgetViews: widgetViews.length,
     widgetsRendered: document.querySelectorAll(".jupyter-widgets").length,
+    // code lines wider than the code column (the reader would have to scroll them into view)
+    cutCode: [...document.querySelectorAll("div.cell_input pre")]
+      .filter(e => e.scrollWidth > e.clientWidth + 1)
+      .map(e => e.textContent.split("\\n").reduce((a, b) => (b.length > a.length ? b : a)).slice(0, 90)),
     height: document.documentElement.scrollHeight,
   };
 })()"""
@@ -343,6 +347,10 @@ def test_page_works_offline(site, page):
         )
     if report["widgetStates"] and not report["widgetViews"]:
         problems.append("widget state is saved but no widget is shown: the page loads the manager for nothing")
+    if report["cutCode"]:
+        problems.append(
+            f"code cells wider than the code column at {WIDTH} px (longest line shown): {report['cutCode'][:3]}"
+        )
     problems += [f"JavaScript: {e}" for e in js_errors(events)]
     problems += [f"request outside 127.0.0.1: {u}" for u in external_requests(events)]
     assert not problems, f"{page} ({url}):\n  " + "\n  ".join(problems)
