@@ -2,7 +2,8 @@
 
 Each chapter pairs with a module: Chapter 1 with :mod:`dmlib.ddpm` and :mod:`dmlib.schedules`;
 Chapter 2 with :mod:`dmlib.score`, :mod:`dmlib.sde` and :mod:`dmlib.cld`; Chapter 3 with
-:mod:`dmlib.samplers` and :mod:`dmlib.acceleration`; Chapter 4 with :mod:`dmlib.likelihood`.
+:mod:`dmlib.samplers` and :mod:`dmlib.acceleration`; Chapter 4 with :mod:`dmlib.likelihood`;
+Chapter 5 with :mod:`dmlib.discrete` and :mod:`dmlib.token_data`.
 """
 
 from . import (
@@ -10,6 +11,7 @@ from . import (
     cld,
     data,
     ddpm,
+    discrete,
     exercises,
     likelihood,
     metrics,
@@ -22,6 +24,7 @@ from . import (
     schedules,
     score,
     sde,
+    token_data,
     train,
 )
 from .oracle import GaussianMixture, MixtureOracle
@@ -41,6 +44,7 @@ __all__ = [
     "data",
     "ddpm",
     "ddpm_tables",
+    "discrete",
     "exercises",
     "likelihood",
     "get_schedule",
@@ -55,5 +59,6 @@ __all__ = [
     "schedules",
     "score",
     "sde",
+    "token_data",
     "train",
 ]

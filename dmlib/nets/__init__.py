@@ -5,6 +5,7 @@ from .adm import ADMUNet
 from .dit import DiT
 from .flops import count_parameters, describe, forward_flops
 from .mlp import MLP, timestep_embedding
+from .tokens import CausalTokenModel, TokenDenoiser, ar_log_likelihood, ar_loss, ar_sample
 from .unet import UNet
 
 __all__ = [
@@ -16,4 +17,9 @@ __all__ = [
     "count_parameters",
     "forward_flops",
     "describe",
+    "TokenDenoiser",
+    "CausalTokenModel",
+    "ar_loss",
+    "ar_log_likelihood",
+    "ar_sample",
 ]
