@@ -630,7 +630,7 @@ class VonMisesMixture:
 
 def rdsm_loss(manifold, *, t_min: float = 1e-3, t_max: float = 1.0, tol: float = TOL) -> Callable:
     """Riemannian denoising score matching (De Bortoli et al. 2022, eq. 8, with heat-kernel targets), as
-    ``loss(model, x0, generator=None)`` for :func:`dmlib.train.train`:
+    ``loss(model, x0, generator=None)`` for :func:`dmlib.train.train`::
 
         E_{t ~ U(t_min, t_max], x_0, x_t ~ p_t(·|x_0)}  t |P_{x_t} model(x_t, t) − ∇ log p_t(x_t | x_0)|²
 
