@@ -84,3 +84,23 @@ def animate(fig, update, frames: int, interval: int = 120):
     html = re.sub(r'<link rel="stylesheet"\s+href="https://maxcdn\.bootstrapcdn\.com/[^"]*">', "", html)
     plt.close(fig)
     return HTML(html)
+
+
+def markdown_table(header, rows, fmt: str = "{:.3f}") -> str:
+    """A Markdown table: floats formatted with ``fmt``, anything else with ``str``, and a ``|`` inside a
+    cell escaped (unescaped, it would end the cell and leave the whole table as text on the page)."""
+
+    def cell(value) -> str:
+        text = fmt.format(value) if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def show_table(header, rows, fmt: str = "{:.3f}") -> None:
+    """Display :func:`markdown_table` in a notebook: it renders as a table there and in the book."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(markdown_table(header, rows, fmt)))

@@ -41,6 +41,8 @@ from .ch04 import (
     check_hutchinson_ode_likelihood,
     check_importance_sampled_bound,
 )
+from .ch05 import check_d3pm_posterior, check_masked_nelbo, check_masked_sampler
+from .ch06 import check_equivariance_error, check_torus_score, check_zero_com_log_prob
 
 __all__ = [
     "ExerciseFailed",
@@ -68,4 +70,10 @@ __all__ = [
     "check_analytic_dpm_variances",
     "check_importance_sampled_bound",
     "check_hutchinson_ode_likelihood",
+    "check_d3pm_posterior",
+    "check_masked_sampler",
+    "check_masked_nelbo",
+    "check_torus_score",
+    "check_zero_com_log_prob",
+    "check_equivariance_error",
 ]

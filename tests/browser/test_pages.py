@@ -328,6 +328,9 @@ def test_page_works_offline(site, page):
             )
     if report["mathErrors"]:
         problems.append(f"TeX errors (bad formula or undefined macro) in: {report['mathErrors'][:5]}")
+    # a table left as text: its "|---|" line (the typographer turns "---" into an em dash)
+    if re.search(r"\|\s*(?:-{3,}|—)\s*\|", report["prose"]):
+        problems.append("a Markdown table was left as text (a '|' inside a cell breaks it: escape it)")
     if raw := RAW_TEX.findall(report["prose"]):
         problems.append(f"raw TeX left in the text: {raw[:5]}")
     for img in report["images"]:
