@@ -3,8 +3,8 @@
 Each chapter pairs with a module: Chapter 1 with :mod:`dmlib.ddpm` and :mod:`dmlib.schedules`;
 Chapter 2 with :mod:`dmlib.score`, :mod:`dmlib.sde` and :mod:`dmlib.cld`; Chapter 3 with
 :mod:`dmlib.samplers` and :mod:`dmlib.acceleration`; Chapter 4 with :mod:`dmlib.likelihood`;
-Chapter 5 with :mod:`dmlib.discrete` and :mod:`dmlib.token_data`. :mod:`dmlib.equivariant`,
-:mod:`dmlib.manifolds` and :mod:`dmlib.latent` are the library of the planned Chapter 6.
+Chapter 5 with :mod:`dmlib.discrete` and :mod:`dmlib.token_data`; Chapter 6 with
+:mod:`dmlib.equivariant`, :mod:`dmlib.manifolds` and :mod:`dmlib.latent`.
 """
 
 from . import (
