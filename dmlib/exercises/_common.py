@@ -18,6 +18,14 @@ def _call(name: str, fn, *args):
         ) from err
 
 
+def _expect_tensor(name: str, got, shape, what: str) -> torch.Tensor:
+    """``got`` must be a tensor of ``shape`` (``what`` says what it holds); returned detached, in float64."""
+    if not torch.is_tensor(got) or tuple(got.shape) != tuple(shape):
+        found = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
+        raise ExerciseFailed(f"{name}: return {what}, a tensor of shape {tuple(shape)}; got {found}.")
+    return got.detach().double()
+
+
 def _compare(name: str, got, want, what: str, hint: str, atol: float = 1e-5):
     if not torch.is_tensor(got):
         raise ExerciseFailed(f"{name}: {what} should be a torch.Tensor; got {type(got).__name__}.")

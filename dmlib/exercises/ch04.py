@@ -6,7 +6,7 @@ import torch
 
 from .. import ddpm
 from .. import likelihood as _likelihood
-from ._common import ExerciseFailed, _call, _compare
+from ._common import ExerciseFailed, _call, _compare, _expect_tensor
 
 
 def check_gaussian_kl(fn) -> bool:
@@ -157,13 +157,8 @@ def check_analytic_dpm_variances(fn) -> bool:
     g = torch.Generator().manual_seed(43)
     data_ = mix.sample(4000, g, dtype=torch.float64)
     got = _call("analytic_dpm_variances", fn, den, data_, T, torch.Generator().manual_seed(44))
-    if not torch.is_tensor(got) or got.shape != (T + 1,):
-        shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-        raise ExerciseFailed(
-            f"analytic_dpm_variances: return a tensor of shape ({T + 1},), one variance per step "
-            f"i = 0..T (entry 0 unused); got {shape}."
-        )
-    got = got.detach().double()
+    what = "one variance per step i = 0..T (entry 0 unused)"
+    got = _expect_tensor("analytic_dpm_variances", got, (T + 1,), what)
     if not torch.isfinite(got[1:]).all():
         raise ExerciseFailed("analytic_dpm_variances: some variances are NaN or infinite.")
     want = _exact_analytic_variances(sched, stds, T)
@@ -242,12 +237,7 @@ def check_importance_sampled_bound(fn) -> bool:
     x0 = mix.sample(20_000, g, dtype=torch.float64)
     t_eps = 1e-5
     got = _call("importance_sampled_bound", fn, den, x0, torch.Generator().manual_seed(47), t_eps)
-    if not torch.is_tensor(got) or got.shape != (x0.shape[0],):
-        shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-        raise ExerciseFailed(
-            f"importance_sampled_bound: return one bound per sample, shape ({x0.shape[0]},); got {shape}."
-        )
-    got = got.detach().double()
+    got = _expect_tensor("importance_sampled_bound", got, (x0.shape[0],), "one bound per sample")
     if not torch.isfinite(got).all():
         raise ExerciseFailed(
             "importance_sampled_bound: some values are NaN or infinite. Hint: draw the log-SNR in "
@@ -298,12 +288,8 @@ def check_hutchinson_ode_likelihood(fn) -> bool:
     den = MixtureOracle(mix, get_schedule("linear")).denoiser()
     x = mix.sample(300, torch.Generator().manual_seed(49), dtype=torch.float64)
     got = _call("ode_log_likelihood", fn, den, x, 40, torch.Generator().manual_seed(50), 1e-5)
-    if not torch.is_tensor(got) or got.shape != (x.shape[0],):
-        shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-        raise ExerciseFailed(
-            f"ode_log_likelihood: return one log-density per point, shape ({x.shape[0]},); got {shape}."
-        )
-    err = got.detach().double() - mix.log_prob(x)
+    got = _expect_tensor("ode_log_likelihood", got, (x.shape[0],), "one log-density per point")
+    err = got - mix.log_prob(x)
     if not torch.isfinite(err).all():
         raise ExerciseFailed("ode_log_likelihood: some values are NaN or infinite.")
     se = err.std().item() / len(err) ** 0.5

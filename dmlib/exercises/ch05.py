@@ -14,7 +14,7 @@ import math
 import torch
 
 from .. import discrete as _dd
-from ._common import ExerciseFailed, _call
+from ._common import ExerciseFailed, _call, _expect_tensor
 
 
 def _table(K: int, D: int, seed: int) -> torch.Tensor:
@@ -54,13 +54,8 @@ def check_d3pm_posterior(fn) -> bool:
             want[..., k] = Q[k][x_t] * Qbar_prev[x0, k]
         want = want / want.sum(-1, keepdim=True)
         got = _call("d3pm_posterior", fn, Q, Qbar_prev, x_t, x0)
-        if not torch.is_tensor(got) or got.shape != want.shape:
-            shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-            raise ExerciseFailed(
-                f"d3pm_posterior: for {what} the result has shape {shape}; expected "
-                f"{tuple(want.shape)} (one distribution over the n states per token)."
-            )
-        got = got.double()
+        dist = f"one distribution over the n states per token (for {what})"
+        got = _expect_tensor("d3pm_posterior", got, want.shape, dist)
         sums = (got.sum(-1) - 1).abs().max().item()
         if not sums < 1e-6:
             raise ExerciseFailed(

@@ -16,7 +16,7 @@ import torch
 
 from .. import equivariant as _eq
 from .. import manifolds as _mf
-from ._common import ExerciseFailed, _call
+from ._common import ExerciseFailed, _call, _expect_tensor
 
 
 def check_torus_score(fn) -> bool:
@@ -36,13 +36,7 @@ def check_torus_score(fn) -> bool:
     for what, t in (("times in [0.01, 1]", small), ("times in [1, 8]", big)):
         want = torus.heat_kernel_score(x, y, t)
         got = _call("torus_score", fn, x.clone(), y.clone(), t.clone())
-        if not torch.is_tensor(got) or got.shape != want.shape:
-            shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-            raise ExerciseFailed(
-                f"torus_score: the score has shape {shape}; expected {tuple(want.shape)} "
-                "(one tangent vector per point)."
-            )
-        got = got.double()
+        got = _expect_tensor("torus_score", got, want.shape, "the score, one tangent vector per point")
         err = (got - want).abs().max().item()
         if not err < 1e-6:
             ratio = (got * want).sum() / (want * want).sum()
@@ -88,10 +82,7 @@ def check_zero_com_log_prob(fn) -> bool:
     B, N, d, sigma = 64, 5, 3, 1.3
     x = torch.randn(B, N, d, generator=g, dtype=torch.float64)
     got = _call("zero_com_log_prob", fn, x.clone(), sigma)
-    if not torch.is_tensor(got) or got.shape != (B,):
-        shape = tuple(got.shape) if torch.is_tensor(got) else type(got).__name__
-        raise ExerciseFailed(f"zero_com_log_prob: return one log-density per cloud, shape ({B},); got {shape}.")
-    got = got.double()
+    got = _expect_tensor("zero_com_log_prob", got, (B,), "one log-density per cloud")
     q = _eq.random_orthogonal(d, g, det=-1)
     b = 5 * torch.randn(B, 1, d, generator=g, dtype=torch.float64)
     perm = torch.randperm(N, generator=g)
