@@ -54,3 +54,19 @@ def test_unwritten_chapters_are_called_planned(path):
             if int(m.group(1)) not in WRITTEN and "planned" not in para.lower():
                 bad.append(f"{m.group(0)}: {' '.join(para.split())[:100]}...")
     assert not bad, f"{path.name} refers to unwritten chapters without saying they are planned:\n" + "\n".join(bad)
+
+
+def test_intro_roadmap_matches_the_written_chapters():
+    """The introduction's roadmap says "written" (with a link) exactly for the chapters that exist, and its
+    count sentence agrees; catches a new chapter left "planned" on the front page (it happened to 5 and 6)."""
+    intro = (CHAPTERS[0].parent.parent / "book" / "intro.md").read_text()
+    rows = dict(re.findall(r"^\| (\d\d) \| [^|]+ \| ([^|]+) \|$", intro, flags=re.M))
+    assert rows, "no roadmap table found in book/intro.md"
+    wrong = [
+        f"{num}: {status.strip()!r}"
+        for num, status in rows.items()
+        if (int(num) in WRITTEN) != status.strip().startswith("written:")
+        or (int(num) in WRITTEN and f"chapters/{num}_" not in status)
+    ]
+    assert not wrong, "book/intro.md's roadmap disagrees with chapters/: " + ", ".join(wrong)
+    assert f"Chapters 1 to {max(WRITTEN)} exist so far" in intro
