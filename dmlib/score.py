@@ -93,7 +93,11 @@ def sliced_score_matching(
 def weighting(schedule: Schedule, t, kind: str) -> torch.Tensor:
     """The weight ``omega(t)`` of the DSM loss: ``"sigma2"`` (``sigma(t)^2``, Song & Ermon 2019),
     ``"likelihood"`` (``g(t)^2``, Song et al. 2021b, which makes the loss a bound on the NLL) or
-    ``"none"``. (Song et al. write the weight ``lambda(t)``; here ``lambda`` is the log-SNR.)"""
+    ``"none"``. (Song et al. write the weight ``lambda(t)``; here ``lambda`` is the log-SNR.)
+
+    These weight time; :func:`dmlib.parameterization.loss_weight` weights log-SNR, on the eps-MSE, and the
+    two meet through ``omega / sigma^2 = w / p_t`` (``p_t`` the log-SNR density of uniform t): ``"sigma2"``
+    is its ``"eps"`` and ``"likelihood"`` its ``"elbo"`` (Chapter 7)."""
     t = as_time(t)
     if kind == "sigma2":
         return schedule.sigma(t) ** 2
