@@ -306,9 +306,14 @@ SCHEDULES = {"linear": Linear, "cosine": Cosine, "sigmoid": Sigmoid, "ve": Varia
 
 
 def get_schedule(name: str, **kwargs) -> Schedule:
-    """A schedule by name: ``get_schedule("cosine")``."""
+    """A schedule by name: ``get_schedule("cosine")``; ``"linear_path"`` is flow matching's straight path
+    (:class:`dmlib.flows.LinearPath`)."""
+    if name == "linear_path":  # defined in dmlib.flows, which imports this module: imported on request
+        from .flows import LinearPath
+
+        return LinearPath(**kwargs)
     if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}.")
+        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}, linear_path.")
     return SCHEDULES[name](**kwargs)
 
 
