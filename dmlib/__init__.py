@@ -4,7 +4,9 @@ Each chapter pairs with a module: Chapter 1 with :mod:`dmlib.ddpm` and :mod:`dml
 Chapter 2 with :mod:`dmlib.score`, :mod:`dmlib.sde` and :mod:`dmlib.cld`; Chapter 3 with
 :mod:`dmlib.samplers` and :mod:`dmlib.acceleration`; Chapter 4 with :mod:`dmlib.likelihood`;
 Chapter 5 with :mod:`dmlib.discrete` and :mod:`dmlib.token_data`; Chapter 6 with
-:mod:`dmlib.equivariant`, :mod:`dmlib.manifolds` and :mod:`dmlib.latent`.
+:mod:`dmlib.equivariant`, :mod:`dmlib.manifolds` and :mod:`dmlib.latent`; Chapter 7 with
+:mod:`dmlib.parameterization` and :mod:`dmlib.guidance`; Chapter 8 with :mod:`dmlib.flows`,
+:mod:`dmlib.connections` and :mod:`dmlib.energy`.
 """
 
 from . import (
@@ -13,8 +15,11 @@ from . import (
     data,
     ddpm,
     discrete,
+    energy,
     equivariant,
     exercises,
+    flows,
+    guidance,
     latent,
     likelihood,
     manifolds,
@@ -49,8 +54,11 @@ __all__ = [
     "ddpm",
     "ddpm_tables",
     "discrete",
+    "energy",
     "equivariant",
     "exercises",
+    "flows",
+    "guidance",
     "latent",
     "likelihood",
     "manifolds",

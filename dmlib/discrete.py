@@ -15,14 +15,17 @@ device, and in the dtype, of the tensors they meet. :class:`DiscreteOracle` enum
 over all ``K^D`` sequences and answers exactly (float64) what a perfectly trained network would.
 
 Papers: Austin et al. 2021 (D3PM), Hoogeboom et al. 2021 (multinomial diffusion), Campbell et al. 2022
-(continuous time, tau-leaping), Sahoo et al. 2024 (MDLM), Shi et al. 2024 (MD4), Lou et al. 2024 (SEDD).
+(continuous time, tau-leaping), Sahoo et al. 2024 (MDLM), Shi et al. 2024 (MD4), Lou et al. 2024 (SEDD);
+Hoogeboom et al. 2022 (ARDM: order-agnostic autoregression is absorbing diffusion).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .schedules import as_time
@@ -769,3 +772,161 @@ class DiscreteOracle:
         """The exact time reversal ``Rhat_t(x, y) = R_t(y, x) q_t(y) / q_t(x)`` for neighbours ``y = x^{d<-y}``
         (Campbell et al. 2022, Prop. 1), shape (B, D, n), 0 at ``y = x_d``."""
         return process.rates_into(x, _times(t, x)) * self.ratios(process, x, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Order-agnostic autoregressive models as absorbing diffusion (ARDM, Hoogeboom et al. 2022)
+# ---------------------------------------------------------------------------------------------
+
+
+def _conditionals(model: Callable, x: torch.Tensor, n_masked: torch.Tensor, K: int) -> torch.Tensor:
+    """``log p(x_0^d = k | visible tokens of x)`` (B, D, K) in float64 from a denoiser ``model(x_t, t)``,
+    called at ``t = n_masked / D``: the time at which the linear schedule masks that share on average.
+    (The exact absorbing denoiser does not depend on ``t``; see :func:`ardm_log_likelihood_bound`.)"""
+    t = (n_masked.to(torch.float64) / x.shape[1]).to(torch.get_default_dtype())
+    logits = model(x, t)
+    if not torch.is_tensor(logits) or logits.shape != x.shape + (K,):
+        got = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
+        raise ValueError(
+            f"the model must return logits of shape {tuple(x.shape) + (K,)} (B, D, K); got {got}."
+        )
+    return torch.log_softmax(logits.to(torch.float64), -1)
+
+
+def ardm_log_likelihood_bound(
+    model: Callable, x: torch.Tensor, K: int, *, method: str = "subsets"
+) -> torch.Tensor:
+    """The order-agnostic autoregressive bound (ARDM: Hoogeboom et al. 2022, sec. 3, eq. 4-6), exactly, per
+    sample (B,) in nats, for a conditional model given as a masked-diffusion denoiser (``model(x_t, t)``,
+    masked tokens ``= K``, logits over the clean tokens):
+
+        log p(x) >= E_{sigma ~ U(S_D)} sum_{t=1}^{D} log p(x_sigma(t) | x_sigma(<t))                 (eq. 4)
+                  = D E_{t ~ U{1..D}} E_sigma [1 / (D - t + 1) sum_{k not in sigma(<t)} log p(x_k | x_sigma(<t))]
+
+    (eq. 5-6: at step t every one of the ``D - t + 1`` tokens not yet generated is equally likely to be next).
+    The visible set ``sigma(<t)`` is a uniform subset of size ``t - 1``, so with ``m = D - t + 1`` masked
+    tokens the bound is ``sum_{m=1}^{D} (1 / m) C(D, m)^-1 sum_{|M| = m} sum_{k in M} log p(x_k | x_{not M})``:
+    ``method="subsets"`` sums this over all ``2^D - 1`` mask sets; ``"orders"`` sums eq. 4 over all ``D!``
+    orders (an independent check, for small D). With the true conditionals of a joint every order gives
+    ``log p(x)`` by the chain rule, so the bound is tight.
+
+    It equals minus masked diffusion's continuous-time NELBO (:func:`masked_nelbo_exact`) for any keep
+    schedule with ``alpha(0) = 1``, ``alpha(1) = 0``, when the denoiser does not depend on ``t`` (the exact one
+    does not: ``p(x_0 | x_t)`` depends only on which tokens are visible). Given ``m`` of ``D`` tokens masked,
+    the NELBO weighs them by ``int_0^1 (-alpha' / (1 - alpha)) C(D, m) (1 - alpha)^m alpha^(D - m) dt =
+    C(D, m) B(m, D - m + 1) = 1 / m`` (substitute ``u = alpha``), the weight above (Ou et al. 2024, "Your
+    absorbing discrete diffusion secretly models the conditional distributions of clean data", make the
+    same point). The model is called at ``t = m / D``, so a ``t``-dependent one gets its time at that share.
+    """
+    x = check_tokens(x, K, "x")
+    B, D = x.shape
+    if method == "subsets":
+        masks = all_states(2, D, x.device)[1:].bool()  # every non-empty mask set M, (2^D - 1, D)
+        m = masks.sum(1)  # |M|
+        comb = torch.tensor([math.comb(D, k) for k in range(D + 1)], dtype=torch.float64, device=x.device)
+        weight = 1 / (m * comb[m])  # 1 / (m C(D, m)): the share of step t = D - m + 1, over its C(D, m) sets
+        x_in = torch.where(masks[None], torch.full_like(x, K)[:, None], x[:, None]).reshape(-1, D)
+        logp = _conditionals(model, x_in, m.repeat(B), K).reshape(B, len(masks), D, K)
+        own = torch.gather(logp, -1, x[:, None, :, None].expand(B, len(masks), D, 1)).squeeze(-1)
+        terms = torch.where(masks[None], own, torch.zeros_like(own)).sum(
+            -1
+        )  # sum_{k in M} log p(x_k | x_{not M})
+        return (terms * weight).sum(1)
+    if method == "orders":
+        if D > 8:
+            raise ValueError(f"method='orders' enumerates D! orders; D = {D} is too many (use 'subsets').")
+        orders = torch.tensor(list(itertools.permutations(range(D))), device=x.device)  # (D!, D)
+        total = torch.zeros(B, dtype=torch.float64, device=x.device)
+        rank = orders.argsort(1)  # rank[o, d]: the step at which order o generates token d
+        for step in range(D):  # the conditional of the token generated at this step, for every order
+            masked = rank >= step  # not yet generated: sigma(>= step)
+            x_in = torch.where(masked[None], torch.full_like(x, K)[:, None], x[:, None]).reshape(-1, D)
+            logp = _conditionals(model, x_in, (D - step) * torch.ones_like(x_in[:, 0]), K)
+            logp = logp.reshape(B, len(orders), D, K)
+            pos = orders[:, step]  # the token generated now
+            idx = x[:, pos]  # (B, D!)
+            total = total + logp[:, torch.arange(len(orders), device=x.device), pos, :].gather(
+                -1, idx.unsqueeze(-1)
+            ).squeeze(-1).mean(1)
+        return total
+    raise ValueError(f"unknown method {method!r}; choose 'subsets' or 'orders'.")
+
+
+def masked_nelbo_exact(
+    model: Callable, x0: torch.Tensor, K: int, schedule: KeepSchedule | None = None, n_nodes: int = 32
+) -> torch.Tensor:
+    """Masked diffusion's continuous-time NELBO ``int_0^1 E_{x_t ~ q(. | x_0)}[`` :func:`masked_nelbo_integrand`
+    ``] dt`` (MDLM eq. 10, MD4 eq. 5) per sample (B,), with the expectation over ``x_t`` exact (all ``2^D``
+    mask sets, set ``M`` having probability ``(1 - alpha)^|M| alpha^(D - |M|)``) and the ``t``-integral by
+    ``n_nodes``-point Gauss-Legendre quadrature (exact for the linear schedule, whose integrand is then a
+    polynomial of degree ``D - 1``; spectrally accurate for the cosine one). Needs ``alpha(1) = 0``: with
+    tokens left unmasked at ``t = 1`` the bound would need a prior term. For small ``D``."""
+    schedule = KeepSchedule("linear") if schedule is None else schedule
+    alpha_end = float(schedule.alpha(torch.tensor(1.0, dtype=torch.float64)))
+    if alpha_end > 0:
+        raise ValueError(
+            f"the masked NELBO without a prior term needs alpha(1) = 0 (every token masked at t = 1); this "
+            f"schedule keeps alpha(1) = {alpha_end:g}. Use KeepSchedule('linear') or ('cosine') with eps = 0."
+        )
+    if isinstance(n_nodes, bool) or not isinstance(n_nodes, int) or n_nodes < 1:
+        raise ValueError(f"n_nodes must be a positive integer; got {n_nodes!r}.")
+    x0 = check_tokens(x0, K, "x0")
+    B, D = x0.shape
+    u, w = np.polynomial.legendre.leggauss(n_nodes)  # nodes on (-1, 1): never t = 0, where the weight is 1/t
+    t = torch.tensor((u + 1) / 2, dtype=torch.float64, device=x0.device)
+    w = torch.tensor(w / 2, dtype=torch.float64, device=x0.device)
+    masks = all_states(2, D, x0.device).bool()  # (2^D, D)
+    m = masks.sum(1).to(torch.float64)
+    a = schedule.alpha(t)[:, None]  # (J, 1)
+    p_mask = (1 - a) ** m * a ** (D - m)  # (J, 2^D): probability of each mask set at each node
+    x_t = torch.where(masks[None], torch.full_like(x0, K)[:, None], x0[:, None])  # (B, 2^D, D)
+    J, M = len(t), len(masks)
+    rows_x0 = x0[:, None, None].expand(B, J, M, D).reshape(-1, D)
+    rows_xt = x_t[:, None].expand(B, J, M, D).reshape(-1, D)
+    rows_t = t[None, :, None].expand(B, J, M).reshape(-1)
+    vals = masked_nelbo_integrand(model, rows_x0, rows_xt, rows_t, K, schedule).reshape(B, J, M)
+    return ((vals * p_mask).sum(2) * w).sum(1)
+
+
+def ardm_loss(K: int) -> Callable:
+    """A trainer loss: the ARDM step estimator (Hoogeboom et al. 2022, eq. 6 / Algorithm 1), one step ``t ~
+    U{1..D}`` and one order per sample: ``-D / (D - t + 1) sum_{k not in sigma(<t)} log p(x_k | x_sigma(<t))``,
+    unbiased for minus :func:`ardm_log_likelihood_bound`."""
+
+    def loss(model, batch, generator=None):
+        x0 = check_tokens(batch, K, "batch")
+        B, D = x0.shape
+        step = torch.randint(1, D + 1, (B,), generator=generator, device=x0.device)
+        rank = (
+            torch.rand(x0.shape, generator=generator, device=x0.device).argsort(1).argsort(1)
+        )  # uniform order
+        masked = rank >= (step - 1)[:, None]  # the D - t + 1 tokens not in sigma(<t)
+        n_masked = D - step + 1
+        logp = _conditionals(model, torch.where(masked, torch.full_like(x0, K), x0), n_masked, K)
+        nll = -torch.gather(logp, -1, x0.unsqueeze(-1)).squeeze(-1)
+        nll = torch.where(masked, nll, torch.zeros_like(nll))
+        return (D / n_masked.to(torch.float64) * nll.sum(1)).mean().float()
+
+    return loss
+
+
+def ardm_sample(model: Callable, K: int, shape, *, order=None, generator=None, device=None) -> torch.Tensor:
+    """Autoregressive sampling in any order (Hoogeboom et al. 2022, sec. 3): from all masked, ``D`` steps,
+    each drawing the next token of ``order`` from ``p(x_k | visible)``. ``order``: None (a uniform random
+    order per sample), a permutation of ``0..D-1`` (one order for all) or a (B, D) LongTensor of them.
+    With the true conditionals the output law is the joint, whatever the order."""
+    B, D = (int(s) for s in shape)
+    x = torch.full((B, D), K, dtype=torch.long, device=device)
+    if order is None:
+        order = torch.rand((B, D), generator=generator, device=x.device).argsort(1)
+    order = torch.as_tensor(order, device=x.device).long().expand(B, D)
+    if order.device.type == "cpu" and not (order.sort(1).values == torch.arange(D)).all():
+        raise ValueError(
+            f"order must be a permutation of 0..{D - 1} (or one per sample); got {order[:1].tolist()}."
+        )
+    rows = torch.arange(B, device=x.device)
+    for step in range(D):
+        pos = order[:, step]
+        logp = _conditionals(model, x, torch.full_like(pos, D - step), K)[rows, pos]  # (B, K)
+        x[rows, pos] = sample_categorical(logp.exp(), generator)
+    return x
