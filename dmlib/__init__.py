@@ -12,6 +12,7 @@ Chapter 5 with :mod:`dmlib.discrete` and :mod:`dmlib.token_data`; Chapter 6 with
 from . import (
     acceleration,
     cld,
+    connections,
     data,
     ddpm,
     discrete,
@@ -50,6 +51,7 @@ __all__ = [
     "TrainConfig",
     "budget",
     "cld",
+    "connections",
     "data",
     "ddpm",
     "ddpm_tables",
