@@ -6,7 +6,8 @@ Chapter 2 with :mod:`dmlib.score`, :mod:`dmlib.sde` and :mod:`dmlib.cld`; Chapte
 Chapter 5 with :mod:`dmlib.discrete` and :mod:`dmlib.token_data`; Chapter 6 with
 :mod:`dmlib.equivariant`, :mod:`dmlib.manifolds` and :mod:`dmlib.latent`; Chapter 7 with
 :mod:`dmlib.parameterization` and :mod:`dmlib.guidance`; Chapter 8 with :mod:`dmlib.flows`,
-:mod:`dmlib.connections` and :mod:`dmlib.energy`.
+:mod:`dmlib.connections` and :mod:`dmlib.energy`; Chapter 9 with :mod:`dmlib.inverse` and
+:mod:`dmlib.robust`.
 """
 
 from . import (
@@ -21,6 +22,7 @@ from . import (
     exercises,
     flows,
     guidance,
+    inverse,
     latent,
     likelihood,
     manifolds,
@@ -61,6 +63,7 @@ __all__ = [
     "exercises",
     "flows",
     "guidance",
+    "inverse",
     "latent",
     "likelihood",
     "manifolds",
