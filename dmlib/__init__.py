@@ -7,7 +7,7 @@ Chapter 5 with :mod:`dmlib.discrete` and :mod:`dmlib.token_data`; Chapter 6 with
 :mod:`dmlib.equivariant`, :mod:`dmlib.manifolds` and :mod:`dmlib.latent`; Chapter 7 with
 :mod:`dmlib.parameterization` and :mod:`dmlib.guidance`; Chapter 8 with :mod:`dmlib.flows`,
 :mod:`dmlib.connections` and :mod:`dmlib.energy`; Chapter 9 with :mod:`dmlib.inverse` and
-:mod:`dmlib.robust`.
+:mod:`dmlib.robust`; Chapter 10 with :mod:`dmlib.timeseries`.
 """
 
 from . import (
@@ -37,6 +37,7 @@ from . import (
     schedules,
     score,
     sde,
+    timeseries,
     token_data,
     train,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "schedules",
     "score",
     "sde",
+    "timeseries",
     "token_data",
     "train",
 ]
