@@ -484,7 +484,10 @@ class StochasticInterpolant:
 
     def gaussian_schedule(self) -> Schedule:
         """The diffusion this interpolant is when ``x_1 ~ N(0, I)`` is independent of ``x_0``:
-        ``alpha(t)`` and ``sigma(t) = sqrt(beta^2 + gamma^2)``."""
+        ``alpha(t)`` and ``sigma(t) = sqrt(beta^2 + gamma^2)``. ``alpha`` is floored at :data:`ALPHA_MIN`
+        as on :class:`LinearPath`: samplers that step in ``sigma / alpha`` start at ``t = 1``. Derivatives
+        of this schedule are taken by autograd: write ``gamma`` without a square root that is infinitely
+        steep at an end (e.g. ``gamma = t(1 - t)``, not ``sqrt(2t(1 - t))``), or ``sigma'`` is NaN there."""
         return _InterpolantSchedule(self)
 
 
@@ -495,7 +498,7 @@ class _InterpolantSchedule(Schedule):
         self.interpolant = interpolant
 
     def alpha(self, t):
-        return self.interpolant.alpha(as_time(t))
+        return self.interpolant.alpha(as_time(t)).clamp(min=ALPHA_MIN)
 
     def sigma(self, t):
         t = as_time(t)

@@ -416,6 +416,22 @@ def test_stochastic_interpolant_with_noise():
     assert abs(x_t.var().item() - var) < 4 * var * math.sqrt(2 / n)
 
 
+def test_interpolant_schedule_samples_from_t_one():
+    """The Gaussian schedule of an interpolant floors alpha(1) = 0 as LinearPath does, so a sampler stepping in
+    sigma / alpha (PLMS) starts at t = 1 and gives finite samples matching the linear path's. Catches an
+    unfloored alpha (NaN from the first step)."""
+    sched = F.StochasticInterpolant.linear().gaussian_schedule()
+    assert sched.alpha(torch.tensor(1.0, dtype=D)).item() == F.ALPHA_MIN
+    mix = data.eight_gaussians(std=0.4)
+    oracle = MixtureOracle(mix, sched)
+    x_T = torch.randn(64, 2, generator=gen(24), dtype=D)
+    spec = samplers.SAMPLERS["plms"]
+    out = spec.fn(oracle.denoiser(), x_T, samplers.time_grid(sched, 20, spec.grid), **spec.options)
+    ref = spec.fn(MixtureOracle(mix, PATH).denoiser(), x_T, samplers.time_grid(PATH, 20, spec.grid))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-8, rtol=0)
+
+
 def test_interpolant_boundary_conditions():
     """Def. 2.1's boundary conditions are enforced with a message naming the end that fails: a VP schedule
     (alpha(1) = 0.0066) is not an exact bridge to noise, nor is VE (alpha = 1); gamma must vanish at the
