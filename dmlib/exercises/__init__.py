@@ -43,6 +43,9 @@ from .ch04 import (
 )
 from .ch05 import check_d3pm_posterior, check_masked_nelbo, check_masked_sampler
 from .ch06 import check_equivariance_error, check_torus_score, check_zero_com_log_prob
+from .ch07 import check_cfg_eps_score, check_edm_skip_out, check_equivalent_density
+from .ch08 import check_cfm_loss, check_monotone_map, check_reflow_pairs
+from .ch09 import check_dps_gradient, check_gaussian_posterior, check_replacement_step
 
 __all__ = [
     "ExerciseFailed",
@@ -76,4 +79,13 @@ __all__ = [
     "check_torus_score",
     "check_zero_com_log_prob",
     "check_equivariance_error",
+    "check_edm_skip_out",
+    "check_cfg_eps_score",
+    "check_equivalent_density",
+    "check_cfm_loss",
+    "check_reflow_pairs",
+    "check_monotone_map",
+    "check_replacement_step",
+    "check_dps_gradient",
+    "check_gaussian_posterior",
 ]
