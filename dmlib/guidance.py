@@ -2,7 +2,7 @@
 (CFG), proved on an exact labelled Gaussian-mixture oracle.
 
 **One convention for the guidance weight.** Everything here takes Ho & Salimans' (2022, eq. 6)
-weight ``w >= 0``; ``w = 0`` is the plain conditional model:
+weight ``w >= 0``; ``w = 0`` is the plain conditional model::
 
     eps_tilde(x, c) = (1 + w) eps(x, c) - w eps(x)
     score_tilde     = score(x | c) + w (score(x | c) - score(x))
