@@ -10,6 +10,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+from moments import assert_moments
 from test_device import StrictDevices
 
 from dmlib import timeseries as TS
@@ -27,16 +28,6 @@ VAR = TS.VAR1([[0.6, 0.3], [-0.2, 0.5]], [[1.0, 0.3], [0.3, 0.5]])  # A not symm
 
 def gen(seed=0):
     return torch.Generator().manual_seed(seed)
-
-
-def assert_moments(x, mean, cov, z=4.5):
-    """Sample mean and covariance within ``z`` standard errors: ``sqrt(C_ii / n)`` for the mean and
-    ``sqrt((C_ii C_jj + C_ij^2) / n)`` for a covariance entry (Gaussian fourth moments)."""
-    n, var = x.shape[0], cov.diagonal()
-    se_mean = (var / n).sqrt()
-    se_cov = ((var[:, None] * var[None] + cov**2) / n).sqrt()
-    assert ((x.mean(0) - mean).abs() <= z * se_mean + 1e-12).all(), (x.mean(0), mean, se_mean)
-    assert ((torch.cov(x.T) - cov).abs() <= z * se_cov + 1e-12).all(), (torch.cov(x.T), cov, se_cov)
 
 
 def gappy(process, length, seed=0, share=0.5):
